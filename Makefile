@@ -1,0 +1,29 @@
+# The newcomer's commands (see README): make install, then kubetune run, then make test.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install testbed lint test unit quickstart bench
+
+install:  ## Python environment (job, operator, dev tools) and the quickstart's model
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[job,operator,dev]'
+	$(BIN)/python examples/models/place.py
+
+testbed:  ## build (or find cached) the control plane, etcd, helm, SeaweedFS; install Prometheus
+	tests/testbed/build
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check job operator tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: testbed lint  ## everything CI runs
+	KUBETUNE_REQUIRE_TESTBED=1 HF_HUB_OFFLINE=1 $(BIN)/pytest -p no:cacheprovider
+
+unit:
+	$(BIN)/pytest -p no:cacheprovider tests/unit
+
+quickstart:
+	$(BIN)/kubetune run examples/quickstart.yaml

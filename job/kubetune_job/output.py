@@ -1,0 +1,80 @@
+"""The final artefacts: model, tokenizer, label mapping, metrics.json and a model card."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import StorageUnavailable
+from .spec import FineTuneJobSpec
+from .storage import Storage, upload_dir
+
+CARD = """---
+library_name: transformers
+base_model: {base}
+tags: [kubetune, {task}]
+---
+
+# {name}
+
+Fine-tuned by kubetune from `{base}` for {task} on `{dataset}`.
+
+## Labels
+
+{labels}
+
+## Results
+
+| metric | value |
+|---|---|
+{results}
+
+## Training
+
+| setting | value |
+|---|---|
+{settings}
+"""
+
+
+def model_card(*, name: str, spec: FineTuneJobSpec, labels: list[str], metrics: dict[str, float], steps: int) -> str:
+    """A short Hugging Face model card (README.md) with the results and settings of the run."""
+    hp = spec.hyperparameters
+    ds = spec.dataset
+    dataset = ds.id + (f" ({ds.config})" if ds.config else "") if ds.id else str(ds.uri)
+    settings = {
+        "epochs": hp.epochs,
+        "steps": steps,
+        "learning rate": hp.learning_rate,
+        "batch size per device": hp.batch_size,
+        "gradient accumulation": hp.gradient_accumulation_steps,
+        "precision": hp.precision,
+        "seed": hp.seed,
+        "max length": ds.max_length,
+    }
+    return CARD.format(
+        name=name,
+        base=spec.model.id or spec.model.uri,
+        task=spec.task,
+        dataset=dataset,
+        labels=", ".join(f"{i}: `{n}`" for i, n in enumerate(labels)),
+        results="\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (no evaluation) | |",
+        settings="\n".join(f"| {k} | {v} |" for k, v in settings.items()),
+    )
+
+
+def save(trainer: Any, tokenizer: Any, storage: Storage, *, card: str, metrics: dict[str, Any]) -> None:
+    """Write everything to a scratch directory, upload it, and check every file arrived whole."""
+    with tempfile.TemporaryDirectory(prefix="kubetune-output-") as tmp:
+        out = Path(tmp)
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (out / "README.md").write_text(card)
+        sent = upload_dir(storage, out, "")
+    present = {o.key: o.size for o in storage.list("")}
+    missing = [key for key, size, _ in sent if present.get(key) != size]
+    if missing:
+        raise StorageUnavailable("output.uri", f"upload to {storage.uri} incomplete: {', '.join(missing[:3])}")

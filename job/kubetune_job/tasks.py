@@ -1,0 +1,67 @@
+"""The task registry: what a task loads, how it prepares data and how it scores predictions.
+
+A new task is one class with the same four methods, registered in TASKS under a name that
+spec.TASKS also lists (a unit test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from .data import check_columns, label_names, tokenize
+from .errors import ModelError
+from .spec import DatasetSource
+
+
+class Task(Protocol):
+    def load_tokenizer(self, source: str, field: str, **hub: Any) -> Any: ...
+
+    def prepare(self, splits: Any, tokenizer: Any, source: DatasetSource, cache: Path) -> tuple[Any, list[str]]: ...
+
+    def load_model(self, source: str, labels: list[str], field: str, **hub: Any) -> Any: ...
+
+    def predictions(self, logits: Any) -> Any: ...
+
+
+class TextClassification:
+    """One text or a text pair -> one label (MRPC, SST-2, NLI...)."""
+
+    def load_tokenizer(self, source: str, field: str, **hub: Any) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(source, **hub)
+        except (OSError, ValueError) as e:
+            raise ModelError(field, f"cannot load a tokenizer from {source!r}: {e}") from None
+
+    def prepare(self, splits: Any, tokenizer: Any, source: DatasetSource, cache: Path) -> tuple[Any, list[str]]:
+        check_columns(splits, source)
+        eval_labels = splits["eval"][source.label_field] if "eval" in splits else ()
+        labels = label_names(splits["train"][source.label_field], eval_labels)
+        return tokenize(splits, tokenizer, source, labels, cache), labels
+
+    def load_model(self, source: str, labels: list[str], field: str, **hub: Any) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(
+                source,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)},
+                ignore_mismatched_sizes=True,  # a fresh head when the checkpoint had another label count
+                **hub,
+            )
+        except (OSError, ValueError) as e:
+            raise ModelError(field, f"cannot load a model from {source!r}: {e}") from None
+
+    def predictions(self, logits: Any) -> Any:
+        import numpy as np
+
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return np.argmax(logits, axis=-1)
+
+
+TASKS: dict[str, Task] = {"text-classification": TextClassification()}

@@ -1,0 +1,210 @@
+"""The job's linear main: configure -> load -> tokenize -> resume -> train -> evaluate -> save.
+
+`run` raises JobError subclasses for problems a user can fix; `execute` turns any outcome into
+an exit code and the JSON summary. Side effects (output, summary) happen on the main process only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import CheckpointStore, checkpoint_dir
+from .errors import ExitCode, JobError, ModelError
+from .settings import JobSettings
+from .spec import FineTuneJobSpec, SpecError
+from .storage import download_prefix, is_remote, local_path, open_storage
+from .summary import write as write_summary
+
+log = logging.getLogger(__name__)
+
+
+def model_source(spec: FineTuneJobSpec, work_dir: Path) -> tuple[str, str, dict[str, Any]]:
+    """(path or Hub id, spec field, from_pretrained keyword arguments) of the base model."""
+    m = spec.model
+    if m.id:
+        return m.id, "spec.model.id", {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
+    assert m.uri is not None  # the spec guarantees exactly one of id/uri
+    hub = {"trust_remote_code": m.trust_remote_code}
+    if is_remote(m.uri):
+        target = work_dir / "model"
+        download_prefix(open_storage(m.uri), "", target)
+        if not any(target.iterdir()):
+            raise ModelError("spec.model.uri", f"no files under {m.uri}")
+        return str(target), "spec.model.uri", hub
+    path = local_path(m.uri)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ModelError("spec.model.uri", f"{path} {what}; give a directory holding a saved model (config.json)")
+    return str(path), "spec.model.uri", hub
+
+
+def dataset_splits(spec: FineTuneJobSpec, work_dir: Path) -> Any:
+    from .data import load_hub, load_local
+
+    ds = spec.dataset
+    if ds.id:
+        return load_hub(ds, token=None)
+    assert ds.uri is not None
+    if is_remote(ds.uri):
+        target = work_dir / "data"
+        download_prefix(open_storage(ds.uri), "", target)
+        return load_local(target, ds)
+    return load_local(local_path(ds.uri), ds)
+
+
+def camel_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Trainer metric names (eval_f1, train_loss) in the API's spelling (evalF1, trainLoss)."""
+    out = {}
+    for key, value in metrics.items():
+        parts = [p for p in re.split(r"_+", key) if p]
+        name = parts[0] + "".join(p.upper() if p in ("f1",) else p.capitalize() for p in parts[1:])
+        out[name] = round(float(value), 6)
+    return out
+
+
+def scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """Losses and evaluation scores only: no runtimes, throughputs or epoch counters."""
+    skip = ("runtime", "per_second", "epoch")
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not k.endswith(skip)}
+
+
+def last_eval(history: list[dict[str, Any]], step: int) -> dict[str, float] | None:
+    """The evaluation logged at `step`, if the Trainer already ran one there."""
+    for entry in reversed(history):
+        if entry.get("step") == step and any(k.startswith("eval_") for k in entry):
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return None
+
+
+def run(
+    spec: FineTuneJobSpec, settings: JobSettings, *, callbacks: Sequence[Any] = (), console_logs: bool = True
+) -> dict[str, Any]:
+    """Fine-tune as the spec says; return the summary of a successful run.
+
+    console_logs=False drops the Trainer's printed log dicts (a terminal shows its own progress).
+    """
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
+
+    from .callbacks import CommitCheckpoints, RunAccount
+    from .output import model_card, save
+    from .tasks import TASKS
+    from .training import metric_function, training_arguments
+
+    work = settings.work_dir
+    staging = work / "trainer"
+    has_eval = spec.dataset.eval_split is not None
+    args = training_arguments(spec, output_dir=staging, has_eval=has_eval)  # before any heavy loading
+    checkpoints_uri = spec.checkpoints.uri or str(work / "checkpoints")
+    output_uri = spec.output.uri or str(work / "output")
+    if not spec.checkpoints.uri:
+        log.warning("no checkpoints.uri: checkpoints stay in %s and do not outlive this machine", checkpoints_uri)
+
+    task = TASKS[spec.task]
+    source, field, hub = model_source(spec, work)
+    tokenizer = task.load_tokenizer(source, field, **hub)
+    data, labels = task.prepare(dataset_splits(spec, work), tokenizer, spec.dataset, work / "cache")
+    model = task.load_model(source, labels, field, **hub)
+
+    store = CheckpointStore(open_storage(checkpoints_uri), keep=spec.checkpoints.keep)
+    resumed = store.fetch_latest(staging)
+    if resumed is not None:
+        log.info("resuming from checkpoint-%d of %s", resumed, checkpoints_uri)
+    account = RunAccount()
+    commit = CommitCheckpoints(store)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["eval"] if has_eval else None,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=metric_function(list(spec.metrics), len(labels), task.predictions) if has_eval else None,
+        callbacks=[commit, account, *callbacks],
+    )
+    if not console_logs:
+        trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=str(staging / checkpoint_dir(resumed)) if resumed else None)
+    step = trainer.state.global_step
+    evaluation = (last_eval(trainer.state.log_history, step) or trainer.evaluate()) if has_eval else {}
+    metrics = camel_metrics(scores({"train_loss": result.training_loss, **evaluation}))
+
+    summary: dict[str, Any] = {
+        "phase": "Succeeded",
+        "finalStep": step,
+        "totalSteps": trainer.state.max_steps,
+        "epoch": round(float(trainer.state.epoch or 0), 4),
+        "resumedFromStep": resumed or 0,
+        "stepsThisRun": account.steps,
+        "metrics": metrics,
+        "trainSamplesPerSecond": round(float(result.metrics.get("train_samples_per_second", 0.0)), 3),
+        "lastCheckpointStep": commit.last_committed or resumed,
+        "outputUri": output_uri,
+        "labels": labels,
+        "warnings": store.warnings,
+    }
+    if trainer.is_world_process_zero():
+        card = model_card(name=settings.name, spec=spec, labels=labels, metrics=metrics, steps=step)
+        save(trainer, tokenizer, open_storage(output_uri), card=card, metrics={**summary, "warnings": None})
+    return summary
+
+
+def load_spec(settings: JobSettings) -> FineTuneJobSpec:
+    """The spec from KUBETUNE_SPEC (JSON) or KUBETUNE_SPEC_FILE (a spec or a whole manifest)."""
+    import json
+
+    import yaml
+
+    from .spec import parse_manifest, parse_spec
+
+    if settings.spec:
+        try:
+            return parse_spec(json.loads(settings.spec), "KUBETUNE_SPEC")
+        except json.JSONDecodeError as e:
+            raise SpecError("KUBETUNE_SPEC", [f"not JSON: {e}"]) from None
+    if settings.spec_file:
+        try:
+            data = yaml.safe_load(settings.spec_file.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise SpecError(str(settings.spec_file), [f"cannot read: {e}"]) from None
+        if isinstance(data, dict) and "apiVersion" in data:
+            return parse_manifest(data, str(settings.spec_file)).spec
+        return parse_spec(data, str(settings.spec_file))
+    raise SpecError("environment", ["set KUBETUNE_SPEC (JSON) or KUBETUNE_SPEC_FILE (a path)"])
+
+
+def failure(code: ExitCode, reason: str, message: str, field: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"phase": "Failed", "exitCode": int(code), "reason": reason, "message": message}
+    if field:
+        out["field"] = field
+    return out
+
+
+def execute(
+    settings: JobSettings,
+    *,
+    spec: FineTuneJobSpec | None = None,
+    callbacks: Sequence[Any] = (),
+    console_logs: bool = True,
+) -> int:
+    """Run the job to an exit code, writing the summary whatever happens."""
+    try:
+        summary = run(spec or load_spec(settings), settings, callbacks=callbacks, console_logs=console_logs)
+        code = ExitCode.SUCCEEDED
+    except SpecError as e:
+        summary, code = (
+            failure(ExitCode.INVALID_CONFIG, "InvalidConfig", "; ".join(e.problems)),
+            ExitCode.INVALID_CONFIG,
+        )
+    except JobError as e:
+        summary, code = failure(e.code, e.reason, e.message, e.field), e.code
+    except Exception as e:  # unexpected: retried by the Job's backoffLimit
+        log.exception("the job failed")
+        summary, code = failure(ExitCode.RETRYABLE, "Error", f"{type(e).__name__}: {e}"), ExitCode.RETRYABLE
+    if code != ExitCode.SUCCEEDED:
+        log.error("%s: %s", summary["reason"], summary["message"])
+    write_summary(settings.summary_path, summary)
+    return int(code)

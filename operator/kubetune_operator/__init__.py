@@ -1,0 +1,1 @@
+"""kubetune operator: turns FineTuneJobs into Kubernetes Jobs, and the `kubetune` command line."""

@@ -1,0 +1,68 @@
+"""The `kubetune` command line: validate and run manifests locally; later, render and crd.
+
+Each subcommand imports what it needs when it runs, so `kubetune validate` works with the base
+install and `kubetune run` needs only the job extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from kubetune_job.errors import ExitCode
+    from kubetune_job.spec import SpecError, load_manifest
+
+    failed = False
+    for path in args.files:
+        try:
+            job = load_manifest(path)
+        except SpecError as e:
+            print(e, file=sys.stderr)
+            failed = True
+        else:
+            print(f"{path}: valid FineTuneJob {job.metadata.name!r}")
+    return int(ExitCode.INVALID_CONFIG) if failed else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kubetune_job.errors import ExitCode
+    from kubetune_job.local import run
+    from kubetune_job.spec import SpecError
+
+    try:
+        return run(args.file, workdir=args.workdir, pushgateway=args.pushgateway)
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return int(ExitCode.INVALID_CONFIG)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kubetune", description="Fine-tune Hugging Face models from FineTuneJob manifests."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check FineTuneJob manifests and explain every problem")
+    v.add_argument("files", nargs="+", type=Path)
+    v.set_defaults(func=_validate)
+
+    r = sub.add_parser("run", help="run a FineTuneJob manifest on this machine (no cluster)")
+    r.add_argument("file", type=Path)
+    r.add_argument(
+        "--workdir", type=Path, default=None, help="where runs live: <workdir>/<name>/ (default ./kubetune-runs)"
+    )
+    r.add_argument("--pushgateway", default=None, help="push training metrics to this Prometheus Pushgateway URL")
+    r.set_defaults(func=_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

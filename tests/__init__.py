@@ -1,0 +1,1 @@
+"""kubetune tests: unit/, integration/ (against the real test bed), bench/."""

@@ -1,0 +1,1 @@
+"""Tests that run against the real test bed (control plane, test kubelet, SeaweedFS, Prometheus)."""
