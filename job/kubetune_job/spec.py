@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 API_VERSION = "kubetune.io/v1alpha1"
 KIND = "FineTuneJob"
@@ -24,6 +25,17 @@ TASKS = ("text-classification",)
 METRICS = ("accuracy", "f1", "precision", "recall", "matthews_correlation")
 #: URI schemes the job can read and write; a plain path is a local path.
 URI_SCHEMES = ("s3://", "file://")
+
+#: The only spec fields that may change after creation (the CRD's CEL rules enforce it).
+MUTABLE_FIELDS = ("runPolicy.suspend", "runPolicy.ttlSecondsAfterFinished")
+
+#: CEL rules the CRD carries beside the schema; pydantic enforces the same with validators.
+ONE_OF_ID_URI: JsonDict = {"rule": "has(self.id) != has(self.uri)", "message": "set exactly one of id or uri"}
+URI_SCHEME: JsonDict = {
+    "rule": "!self.contains('://') || self.startsWith('s3://') || self.startsWith('file://')",
+    "message": "use s3://bucket/prefix/ or a local path",
+}
+URI: JsonDict = {"x-kubernetes-validations": [URI_SCHEME], "maxLength": 1024}
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -57,8 +69,12 @@ def _check_uri(value: str | None, field: str) -> str | None:
 class ModelSource(Model):
     """Which pretrained model to fine-tune: exactly one of id (Hub) or uri (object storage / local)."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [ONE_OF_ID_URI]})
+
     id: str | None = Field(None, pattern=HUB_ID, description="Hugging Face Hub repository id, e.g. bert-base-cased.")
-    uri: str | None = Field(None, description="s3://bucket/prefix/ or a local directory holding a saved model.")
+    uri: str | None = Field(
+        None, description="s3://bucket/prefix/ or a local directory holding a saved model.", json_schema_extra=URI
+    )
     revision: str = Field("main", min_length=1, description="Hub revision (branch, tag or commit) when id is set.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Explicit opt-in only.")
 
@@ -74,12 +90,15 @@ class ModelSource(Model):
 class DatasetSource(Model):
     """Which data to train on: exactly one of id (Hub) or uri (a directory with one file per split)."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [ONE_OF_ID_URI]})
+
     id: str | None = Field(None, pattern=HUB_ID, description="Hugging Face Hub dataset id, e.g. nyu-mll/glue.")
     config: str | None = Field(None, description="Hub dataset configuration, e.g. mrpc.")
     uri: str | None = Field(
         None,
         description="s3://bucket/prefix/ or a local directory with one csv, jsonl or parquet file per split, "
         "named <split>.<ext>.",
+        json_schema_extra=URI,
     )
     train_split: str = Field("train", min_length=1, description="Split (or file name under uri) to train on.")
     eval_split: str | None = Field(
@@ -111,7 +130,13 @@ class Hyperparameters(Model):
     epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float = Field(5.0e-5, gt=0, le=1, description="Peak learning rate of AdamW.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Training examples per device per step.")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description="Training examples per device (one process per GPU) per micro-batch; the global batch is "
+        "batchSize x gpus x nodes x gradientAccumulationSteps.",
+    )
     eval_batch_size: int | None = Field(
         None, ge=1, le=8192, description="Evaluation examples per device; default 4x batchSize."
     )
@@ -121,6 +146,26 @@ class Hyperparameters(Model):
     seed: int = Field(42, ge=0, description="Seed for model init, data order and dropout.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."
+    )
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel: sdpa (PyTorch's fused scaled_dot_product_attention) or eager (the model's "
+        "reference code). A model without sdpa support falls back to eager with a warning.",
+    )
+    pad_to_multiple_of: int | None = Field(
+        None,
+        ge=1,
+        le=128,
+        description="Pad each batch to a multiple of this many tokens; default 8 on GPU (tensor-core tiles), "
+        "no rounding on CPU.",
+    )
+    group_by_length: bool = Field(
+        False, description="Batch examples of similar length together: less padding, a less random data order."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model: a slower start and a recompile for each new batch shape; "
+        "pays off only on long runs with few shapes.",
     )
     eval_every: Every = "epoch"
     extra: dict[str, Any] = Field(
@@ -133,7 +178,9 @@ class Checkpoints(Model):
     """Where and how often checkpoints are committed; a restarted job resumes from the newest."""
 
     uri: str | None = Field(
-        None, description="s3://bucket/prefix/ or a local directory; default <operator checkpoint root>/<ns>/<name>/."
+        None,
+        description="s3://bucket/prefix/ or a local directory; default <operator checkpoint root>/<ns>/<name>/.",
+        json_schema_extra=URI,
     )
     every: Every = "epoch"
     keep: int = Field(2, ge=1, le=100, description="Committed checkpoints kept in storage; older ones are pruned.")
@@ -144,7 +191,7 @@ class Checkpoints(Model):
 class Output(Model):
     """Where the final model, tokenizer, metrics.json and model card go."""
 
-    uri: str | None = Field(None, description="s3://bucket/prefix/ or a local directory.")
+    uri: str | None = Field(None, description="s3://bucket/prefix/ or a local directory.", json_schema_extra=URI)
 
     _uri = field_validator("uri")(lambda v: _check_uri(v, "output.uri"))
 

@@ -39,6 +39,34 @@ def _run(args: argparse.Namespace) -> int:
         return int(ExitCode.INVALID_CONFIG)
 
 
+def _crd(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubetune_operator.crd import crd
+
+    print(yaml.safe_dump(crd(), sort_keys=False), end="")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubetune_job.errors import ExitCode
+    from kubetune_job.spec import SpecError, load_manifest
+    from kubetune_operator.manifests import InvalidSpec, Owner, children
+    from kubetune_operator.settings import OperatorSettings
+
+    try:
+        job = load_manifest(args.file)
+        owner = Owner(job.metadata.name, args.namespace or job.metadata.namespace or "default", "<uid>")
+        objects = children(owner, job.spec, OperatorSettings())
+    except (SpecError, InvalidSpec) as e:
+        print(e, file=sys.stderr)
+        return int(ExitCode.INVALID_CONFIG)
+    print(yaml.safe_dump_all(objects, sort_keys=False), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kubetune", description="Fine-tune Hugging Face models from FineTuneJob manifests."
@@ -56,6 +84,14 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--pushgateway", default=None, help="push training metrics to this Prometheus Pushgateway URL")
     r.set_defaults(func=_run)
+
+    c = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    c.set_defaults(func=_crd)
+
+    d = sub.add_parser("render", help="print the objects the operator would create (settings from KUBETUNE_OPERATOR_*)")
+    d.add_argument("file", type=Path)
+    d.add_argument("-n", "--namespace", default=None, help="namespace (default: the manifest's, else default)")
+    d.set_defaults(func=_render)
     return p
 
 

@@ -1,0 +1,235 @@
+"""The FineTuneJob CustomResourceDefinition, generated from the pydantic spec (one source of truth).
+
+pydantic emits JSON Schema; Kubernetes wants a structural OpenAPI v3 schema. This module inlines
+references, turns optional unions into plain typed fields, int-or-string unions into
+`x-kubernetes-int-or-string`, free-form maps into `x-kubernetes-preserve-unknown-fields`, and adds
+the CEL rules: one-of fields, URI schemes (both from spec.py) and immutability of everything but
+spec.MUTABLE_FIELDS. Strings, lists and maps get upper bounds so the API server can bound the cost
+of the CEL rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune_job import spec as api
+
+GROUP, VERSION = api.API_VERSION.split("/")
+PLURAL, SINGULAR, SHORT = "finetunejobs", "finetunejob", "ftj"
+MAX_STRING, MAX_ITEMS = 1024, 64
+_DROP = {"title", "additionalProperties", "$defs"}
+
+
+def _inline(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if not ref:
+        return node
+    target = defs[ref.split("/")[-1]]
+    return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def _union(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    branches = [_inline(b, defs) for b in node["anyOf"] if b.get("type") != "null"]
+    rest = {k: v for k, v in node.items() if k != "anyOf"}
+    if len(branches) == 1:
+        out = structural({**branches[0], **rest}, defs)
+        if len(branches) < len(node["anyOf"]) and rest.get("default") is not None:
+            out["nullable"] = True  # null means something other than the default (evalSplit: null)
+        return out
+    types = {b.get("type") for b in branches}
+    if types == {"string", "integer"}:  # "epoch" | N steps
+        words = [w for b in branches for w in ([b["const"]] if "const" in b else b.get("enum", []))]
+        rule = {
+            "rule": f"type(self) == string ? self in {words!r} : int(self) > 0",
+            "message": f"use {' or '.join(words)}, or a positive number of steps",
+        }
+        out = {"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [rule]}
+        return {**out, **{k: v for k, v in structural(rest, defs).items() if k != "type"}}
+    raise ValueError(f"cannot express union {types} in a structural schema")
+
+
+def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """A structural OpenAPI v3 schema node for a pydantic JSON Schema node."""
+    node = _inline(node, defs)
+    if "anyOf" in node:
+        return _union(node, defs)
+    out: dict[str, Any] = {k: v for k, v in node.items() if k not in _DROP and not k.startswith("exclusive")}
+    for bound in ("Minimum", "Maximum"):
+        if f"exclusive{bound}" in node:  # JSON Schema 2020 numbers -> OpenAPI v3.0 booleans
+            out[bound.lower()] = node[f"exclusive{bound}"]
+            out[f"exclusive{bound}"] = True
+    if "const" in out:
+        out["enum"] = [out.pop("const")]
+    if out.get("default", 0) is None:
+        del out["default"]
+    kind = out.get("type")
+    if kind == "object" or "properties" in node:
+        out["type"] = "object"
+        if "properties" in node:
+            out["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
+            if isinstance(out.get("default"), dict):
+                out["default"] = {}  # nested defaults fill in from the properties' own defaults
+        elif isinstance(node.get("additionalProperties"), dict) and node["additionalProperties"]:
+            out["additionalProperties"] = structural(node["additionalProperties"], defs)
+            out.setdefault("maxProperties", MAX_ITEMS)
+        else:
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    elif kind == "array":
+        out["items"] = structural(node["items"], defs)
+        out.setdefault("maxItems", MAX_ITEMS)
+    elif kind == "string" and "enum" not in out:
+        out.setdefault("maxLength", MAX_STRING)
+    return out
+
+
+def immutability(properties: dict[str, Any]) -> list[dict[str, str]]:
+    """Transition rules: every spec field but MUTABLE_FIELDS keeps its value after creation."""
+    rules = []
+    for name, schema in properties.items():
+        mutable = [f.split(".", 1)[1] for f in api.MUTABLE_FIELDS if f.split(".", 1)[0] == name]
+        if not mutable:
+            rules.append(_same(f"self.{name}", f"oldSelf.{name}", f"spec.{name} cannot change after creation"))
+            continue
+        for sub in schema.get("properties", {}):
+            if sub not in mutable:
+                path = f"{name}.{sub}"
+                rules.append(_same(f"self.{path}", f"oldSelf.{path}", f"spec.{path} cannot change after creation"))
+    return rules
+
+
+def _same(new: str, old: str, message: str) -> dict[str, str]:
+    parent_new = new.rsplit(".", 1)[0]
+    parent_old = old.rsplit(".", 1)[0]
+    rule = (
+        f"has({new}) == has({old}) && (!has({new}) || {new} == {old})"
+        if parent_new == "self"
+        else f"!has({parent_new}) || !has({parent_old}) || "
+        f"(has({new}) == has({old}) && (!has({new}) || {new} == {old}))"
+    )
+    return {"rule": rule, "message": message}
+
+
+STATUS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Written by the operator.",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "properties": {
+        "phase": {"type": "string", "description": "Pending, Running, Succeeded, Failed or Suspended."},
+        "message": {"type": "string", "description": "What happened last, in words."},
+        "observedGeneration": {"type": "integer", "description": "The spec generation this status describes."},
+        "jobName": {"type": "string", "description": "The batch/v1 Job running this FineTuneJob."},
+        "startTime": {"type": "string", "format": "date-time", "description": "When the first pod started."},
+        "completionTime": {"type": "string", "format": "date-time", "description": "When the job ended."},
+        "restarts": {"type": "integer", "description": "Pods replaced after a failure or preemption."},
+        "lastRestartReason": {"type": "string", "description": "Preempted, OOMKilled or Error."},
+        "failureCount": {"type": "integer", "description": "Pod failures seen, the last one included."},
+        "failures": {
+            "type": "array",
+            "description": "The newest pod failures: pod, uid and reason.",
+            "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        },
+        "metricsDeleted": {"type": "boolean", "description": "The job's Pushgateway group was removed."},
+        "progress": {
+            "type": "object",
+            "description": "Training progress, from the job's metrics.",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "properties": {
+                "step": {"type": "integer"},
+                "totalSteps": {"type": "integer"},
+                "epoch": {"type": "number"},
+                "percent": {"type": "integer"},
+                "etaSeconds": {"type": "integer"},
+                "samplesPerSecond": {"type": "number"},
+            },
+        },
+        "lastCheckpoint": {
+            "type": "object",
+            "description": "The newest committed checkpoint.",
+            "x-kubernetes-preserve-unknown-fields": True,
+        },
+        "metrics": {
+            "type": "object",
+            "description": "Latest training and evaluation metrics (trainLoss, evalAccuracy, ...).",
+            "additionalProperties": {"type": "number"},
+        },
+        "eval": {"type": "string", "description": "The first evaluation metric, as name=value (a column)."},
+        "outputUri": {"type": "string", "description": "Where the final model is."},
+        "conditions": {
+            "type": "array",
+            "description": "Created, Running, Suspended, Succeeded, Failed, with reasons.",
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+            "items": {
+                "type": "object",
+                "required": ["type", "status"],
+                "properties": {
+                    "type": {"type": "string"},
+                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                    "reason": {"type": "string"},
+                    "message": {"type": "string"},
+                    "lastTransitionTime": {"type": "string", "format": "date-time"},
+                    "observedGeneration": {"type": "integer"},
+                },
+            },
+        },
+    },
+}
+
+COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent", "description": "percent done"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss"},
+    {"name": "Eval", "type": "string", "jsonPath": ".status.eval"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def spec_schema() -> dict[str, Any]:
+    raw = api.FineTuneJobSpec.model_json_schema(by_alias=True)
+    schema = structural(raw, raw.get("$defs", {}))
+    schema["x-kubernetes-validations"] = immutability(schema["properties"])
+    return schema
+
+
+def crd() -> dict[str, Any]:
+    """The CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "kubetune"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": [SHORT],
+                "categories": ["kubetune"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": api.FineTuneJob.__doc__,
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": STATUS_SCHEMA,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }

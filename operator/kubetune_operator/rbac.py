@@ -1,0 +1,16 @@
+"""The operator's least-privilege RBAC rules: what the chart's (Cluster)Role grants, and all the
+operator needs. No Secrets (pods read them through secretKeyRef), no wildcards. A test compares
+the chart's Role with these rules, and the operator's own tests run under exactly these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]

@@ -1,0 +1,237 @@
+"""How a FineTuneJob's status is derived from its Job, its pods and its metrics. Pure functions
+over plain dicts (API objects in their JSON spelling), so every rule is unit-tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError")
+CONDITION_TYPES = ("Created", "Running", "Suspended", "Succeeded", "Failed")
+
+
+def _true(conditions: Sequence[dict[str, Any]] | None, kind: str) -> dict[str, Any] | None:
+    for c in conditions or ():
+        if c.get("type") == kind and c.get("status") == "True":
+            return c
+    return None
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in pod.get("status", {}).get("containerStatuses") or ():
+        state = cs.get("state", {}).get("terminated")
+        if state:
+            return dict(state)
+    return None
+
+
+def summary_of(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's JSON summary from a pod's termination message, if it wrote one."""
+    state = _terminated(pod)
+    try:
+        data = json.loads((state or {}).get("message") or "")
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def restart_reason(pod: dict[str, Any]) -> str:
+    """Why a pod ended in failure: Preempted, OOMKilled or Error."""
+    if _true(pod.get("status", {}).get("conditions"), "DisruptionTarget"):
+        return "Preempted"
+    state = _terminated(pod) or {}
+    return "OOMKilled" if state.get("reason") == "OOMKilled" or state.get("exitCode") == 137 else "Error"
+
+
+def failed(pod: dict[str, Any]) -> bool:
+    """A pod that ended in failure, or is being preempted (it may be deleted before it reports)."""
+    status = pod.get("status", {})
+    return status.get("phase") == "Failed" or _true(status.get("conditions"), "DisruptionTarget") is not None
+
+
+def failures(pods: Sequence[dict[str, Any]], previous: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """Every pod failure seen so far (the newest 20 kept) and their total count.
+
+    Pods that failed are often deleted soon after (preemption, a replacement), so the record lives in
+    status: each refresh adds the failed pods it has not seen before, by uid.
+    """
+    known = list(previous.get("failures") or [])
+    seen = {f.get("uid") for f in known}
+    new = [
+        {"pod": p["metadata"]["name"], "uid": p["metadata"].get("uid"), "reason": restart_reason(p)}
+        for p in sorted(pods, key=_created)
+        if failed(p) and p["metadata"].get("uid") not in seen
+    ]
+    return (known + new)[-20:], int(previous.get("failureCount") or 0) + len(new)
+
+
+def _created(pod: dict[str, Any]) -> str:
+    return str(pod.get("metadata", {}).get("creationTimestamp") or "")
+
+
+def waiting(pods: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) that explains why pods are not running yet, if any does."""
+    for pod in pods:
+        status = pod.get("status", {})
+        scheduled = next((c for c in status.get("conditions") or () if c.get("type") == "PodScheduled"), None)
+        if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+            return "Unschedulable", scheduled.get("message", "")
+        for cs in status.get("containerStatuses") or ():
+            w = cs.get("state", {}).get("waiting") or {}
+            if w.get("reason") in WAITING_REASONS:
+                return w["reason"], w.get("message", "")
+    return None
+
+
+def phase_of(job: dict[str, Any] | None, pods: Sequence[dict[str, Any]]) -> tuple[str, str, str]:
+    """(phase, reason, message) of a FineTuneJob from its Job and pods."""
+    if job is None:
+        return "Pending", "Creating", "the Job is being created"
+    conditions = job.get("status", {}).get("conditions")
+    if done := _true(conditions, "Complete") or _true(conditions, "SuccessCriteriaMet"):
+        return "Succeeded", "Completed", done.get("message") or "training finished"
+    if failed := _true(conditions, "Failed") or _true(conditions, "FailureTarget"):
+        return "Failed", failed.get("reason") or "Failed", failed.get("message") or ""
+    if job.get("spec", {}).get("suspend"):
+        return "Suspended", "Suspended", "the Job is suspended"
+    if any(p.get("status", {}).get("phase") == "Running" for p in pods):
+        return "Running", "Running", "training"
+    if why := waiting(pods):
+        return "Pending", why[0], why[1]
+    return "Pending", "Starting", "waiting for a pod to start"
+
+
+def conditions_for(
+    phase: str,
+    reason: str,
+    message: str,
+    *,
+    created: bool,
+    previous: Sequence[dict[str, Any]],
+    now: str,
+    generation: int,
+) -> list[dict[str, Any]]:
+    """metav1.Conditions for a phase; lastTransitionTime only moves when a status flips."""
+    active = {"Created": created, "Running": phase == "Running", "Suspended": phase == "Suspended"}
+    active |= {"Succeeded": phase == "Succeeded", "Failed": phase == "Failed"}
+    old = {c["type"]: c for c in previous}
+    out = []
+    for kind in CONDITION_TYPES:
+        status = "True" if active[kind] else "False"
+        why = reason if (active[kind] and kind != "Created") or (kind == "Running" and phase == "Pending") else kind
+        if kind == "Created":
+            why = "JobCreated" if created else reason
+        text = message if why == reason else ""
+        before = old.get(kind, {})
+        since = before.get("lastTransitionTime") if before.get("status") == status else now
+        out.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": why,
+                "message": text,
+                "lastTransitionTime": since or now,
+                "observedGeneration": generation,
+            }
+        )
+    return out
+
+
+def derive(
+    *,
+    job: dict[str, Any] | None,
+    pods: Sequence[dict[str, Any]],
+    metrics: list[str],
+    generation: int,
+    previous: dict[str, Any],
+    now: str,
+    progress: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole status of a FineTuneJob (what a merge patch of .status sets)."""
+    phase, reason, message = phase_of(job, pods)
+    ordered = sorted(pods, key=_created)
+    seen, count = failures(ordered, previous)
+    restarts = max(count - 1, 0) if phase == "Failed" else count
+    status: dict[str, Any] = {
+        "phase": phase,
+        "message": message,
+        "observedGeneration": generation,
+        "restarts": restarts,
+        "failureCount": count,
+        "conditions": conditions_for(
+            phase,
+            reason,
+            message,
+            created=job is not None,
+            previous=previous.get("conditions") or [],
+            now=now,
+            generation=generation,
+        ),
+    }
+    if job is not None:
+        status["jobName"] = job["metadata"]["name"]
+        job_status = job.get("status", {})
+        if start := previous.get("startTime") or job_status.get("startTime"):
+            status["startTime"] = start
+        if phase in ("Succeeded", "Failed"):
+            status["completionTime"] = job_status.get("completionTime") or previous.get("completionTime") or now
+    if seen:
+        status["failures"] = seen
+    if restarts:
+        status["lastRestartReason"] = seen[-2 if phase == "Failed" and len(seen) > 1 else -1]["reason"]
+    final = next((s for p in reversed(ordered) if (s := summary_of(p))), None)
+    if progress:
+        status["progress"] = progress
+    if final:
+        status |= from_summary(final, metrics, phase)
+    elif progress and progress.get("metrics"):
+        status |= metric_fields(progress.pop("metrics"), metrics)
+    return status
+
+
+def metric_fields(values: dict[str, float], metrics: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"metrics": values}
+    if metrics:
+        key = "eval" + "".join(p.upper() if p == "f1" else p.capitalize() for p in metrics[0].split("_"))
+        if key in values:
+            out["eval"] = f"{metrics[0]}={values[key]:.4f}"
+    return out
+
+
+def from_summary(summary: dict[str, Any], metrics: list[str], phase: str) -> dict[str, Any]:
+    """Status fields from the job's own summary (final metrics, output, or the error)."""
+    out: dict[str, Any] = {}
+    if summary.get("metrics"):
+        out |= metric_fields(summary["metrics"], metrics)
+    if summary.get("phase") == "Succeeded" and phase == "Succeeded":
+        out["outputUri"] = summary.get("outputUri")
+        step, total = summary.get("finalStep"), summary.get("totalSteps")
+        out["progress"] = {"step": step, "totalSteps": total, "percent": 100, "epoch": summary.get("epoch")}
+        if summary.get("trainSamplesPerSecond"):
+            out["progress"]["samplesPerSecond"] = summary["trainSamplesPerSecond"]
+    if summary.get("phase") == "Failed" and phase == "Failed":
+        field = f" ({summary['field']})" if summary.get("field") else ""
+        out["message"] = f"{summary.get('reason', 'Error')}{field}: {summary.get('message', '')}"
+    if summary.get("lastCheckpointStep"):
+        out["lastCheckpoint"] = {"step": summary["lastCheckpointStep"]}
+    return out
+
+
+def invalid(message: str, *, generation: int, previous: dict[str, Any], now: str) -> dict[str, Any]:
+    """The status of a FineTuneJob the operator refuses: Failed with reason InvalidSpec."""
+    return {
+        "phase": "Failed",
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": conditions_for(
+            "Failed",
+            "InvalidSpec",
+            message,
+            created=False,
+            previous=previous.get("conditions") or [],
+            now=now,
+            generation=generation,
+        ),
+    }

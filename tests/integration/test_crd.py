@@ -1,0 +1,107 @@
+"""The FineTuneJob CRD on a real kube-apiserver: schema, defaults, CEL rules and printer columns."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.kube import apply as kube_apply
+from tests.kube import install_crd, kubectl
+
+pytestmark = pytest.mark.integration
+
+GOOD: dict[str, Any] = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "bert-mrpc"},
+    "spec": {
+        "model": {"id": "bert-base-cased"},
+        "dataset": {"id": "nyu-mll/glue", "config": "mrpc"},
+        "storage": {"endpoint": "http://seaweedfs.storage:8333"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def installed(control_plane: Any) -> Any:
+    install_crd(control_plane)
+    return control_plane
+
+
+def apply(plane: Any, namespace: str, doc: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return kube_apply(plane, doc, namespace=namespace)
+
+
+def rejected(plane: Any, namespace: str, doc: dict[str, Any]) -> str:
+    done = apply(plane, namespace, doc)
+    assert done.returncode != 0, f"the API server accepted {doc['spec']}"
+    return done.stderr
+
+
+def with_spec(**changes: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(GOOD)
+    doc["spec"].update(changes)
+    return doc
+
+
+def test_valid_manifest_is_stored_with_defaults(installed: Any, namespace: str) -> None:
+    """A minimal FineTuneJob is accepted and the schema's defaults are filled in."""
+    assert apply(installed, namespace, GOOD).returncode == 0
+    got = json.loads(kubectl(installed, "get", "ftj", "bert-mrpc", "-n", namespace, "-o", "json").stdout)
+    assert got["spec"]["hyperparameters"]["epochs"] == 3 and got["spec"]["checkpoints"]["keep"] == 2
+    assert got["spec"]["dataset"]["textFields"] == ["sentence1", "sentence2"]
+
+
+def test_both_id_and_uri_is_rejected(installed: Any, namespace: str) -> None:
+    """model with id and uri fails the one-of CEL rule."""
+    err = rejected(installed, namespace, with_spec(model={"id": "bert-base-cased", "uri": "s3://b/m/"}))
+    assert "set exactly one of id or uri" in err
+
+
+def test_zero_epochs_is_rejected(installed: Any, namespace: str) -> None:
+    """epochs 0 is below the schema's exclusive minimum."""
+    err = rejected(installed, namespace, with_spec(hyperparameters={"epochs": 0}))
+    assert "spec.hyperparameters.epochs" in err
+
+
+def test_storage_endpoint_must_be_a_url(installed: Any, namespace: str) -> None:
+    """A storage endpoint that is not http(s)://... is rejected."""
+    err = rejected(installed, namespace, with_spec(storage={"endpoint": "seaweedfs:8333"}))
+    assert "spec.storage.endpoint" in err
+
+
+def test_unknown_field_is_rejected(installed: Any, namespace: str) -> None:
+    """kubectl's strict field validation rejects an unknown field by name."""
+    err = rejected(installed, namespace, with_spec(serviceAccountName="admin"))
+    assert "serviceAccountName" in err and "unknown field" in err
+
+
+def test_bad_uri_scheme_is_rejected(installed: Any, namespace: str) -> None:
+    """A gs:// URI fails the scheme rule."""
+    err = rejected(installed, namespace, with_spec(output={"uri": "gs://bucket/x/"}))
+    assert "use s3://bucket/prefix/ or a local path" in err
+
+
+def test_model_cannot_change_after_creation(installed: Any, namespace: str) -> None:
+    """Changing spec.model is rejected by a transition rule; suspend may change."""
+    assert apply(installed, namespace, GOOD).returncode == 0
+    err = rejected(installed, namespace, with_spec(model={"id": "roberta-base"}))
+    assert "spec.model cannot change after creation" in err
+    assert apply(installed, namespace, with_spec(runPolicy={"suspend": True})).returncode == 0
+
+
+def test_eval_every_accepts_epoch_or_steps(installed: Any, namespace: str) -> None:
+    """evalEvery takes 'epoch' or a positive integer, nothing else."""
+    assert apply(installed, namespace, with_spec(hyperparameters={"evalEvery": 100})).returncode == 0
+    err = rejected(installed, namespace, with_spec(hyperparameters={"evalEvery": "hourly"}))
+    assert "positive number of steps" in err
+
+
+def test_explain_describes_the_fields(installed: Any) -> None:
+    """kubectl explain teaches the API from the schema's descriptions."""
+    out = kubectl(installed, "explain", "ftj.spec.dataset").stdout
+    assert "textFields" in out and "One text column" in out

@@ -1,0 +1,275 @@
+"""The operator on the real control plane: FineTuneJob -> Job -> pods run by the test kubelet with
+the real trainer job on a tiny model -> status. The operator runs as `python -m kubetune_operator`
+under a ServiceAccount bound only to the chart's RBAC rules."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_job.spec import parse_manifest
+from kubetune_operator.manifests import Owner, children
+from kubetune_operator.settings import OperatorSettings
+from tests.kube import JOB_IMAGE, apply, get, install_crd, kubectl, operator_account, operator_process, wait_for
+from tests.models import build_tiny_bert, write_pairs
+
+pytestmark = pytest.mark.integration
+
+
+class Operator:
+    """The operator process, restartable by a test."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path) -> None:
+        self.kubeconfig, self.workdir = kubeconfig, workdir
+        self._ctx: Any = None
+        self.info: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self._ctx = operator_process(self.kubeconfig, self.workdir, allowed_image_prefixes='["registry.test/"]')
+        self.info = self._ctx.__enter__()
+
+    def stop(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+
+@pytest.fixture(scope="module")
+def assets() -> Iterator[Path]:
+    # Not under /tmp: the test kubelet maps a pod's /tmp to its own directory, so paths under the
+    # host's /tmp inside the spec would be rewritten.
+    base = Path(tempfile.mkdtemp(prefix="kubetune-operator-", dir="/var/tmp"))
+    build_tiny_bert(base / "model")
+    write_pairs(base / "data", train=800, validation=40)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane: Any, kubelet: Any, testbed_dir: Path) -> Iterator[Operator]:
+    install_crd(control_plane)
+    op = Operator(operator_account(control_plane, testbed_dir), testbed_dir / "operator")
+    op.start()
+    yield op
+    op.stop()
+
+
+def ftj(name: str, assets: Path, **spec: Any) -> dict[str, Any]:
+    run = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=assets))
+    body: dict[str, Any] = {
+        "model": {"uri": str(assets / "model")},
+        "dataset": {"uri": str(assets / "data"), "maxLength": 32},
+        "hyperparameters": {"epochs": 1, "batchSize": 8, "learningRate": 1e-3},
+        "checkpoints": {"uri": str(run / "checkpoints"), "every": 20},
+        "output": {"uri": str(run / "output")},
+        "resources": {"gpus": 1},
+    }
+    for key, value in spec.items():
+        body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+
+
+def status(plane: Any, namespace: str, name: str) -> dict[str, Any]:
+    return (get(plane, "ftj", name, namespace) or {}).get("status") or {}
+
+
+def wait_phase(plane: Any, namespace: str, name: str, phase: str, timeout: float = 240) -> dict[str, Any]:
+    return wait_for(
+        f"{name} to be {phase}",
+        lambda: (s := status(plane, namespace, name)).get("phase") == phase and s,
+        timeout=timeout,
+    )
+
+
+def pods(plane: Any, namespace: str, name: str) -> list[dict[str, Any]]:
+    out = kubectl(plane, "get", "pods", "-n", namespace, "-l", f"kubetune.io/finetunejob={name}", "-o", "json")
+    return sorted(json.loads(out.stdout)["items"], key=lambda p: p["metadata"]["creationTimestamp"])
+
+
+def committed(doc: dict[str, Any]) -> list[int]:
+    root = Path(doc["spec"]["checkpoints"]["uri"])
+    return sorted(int(p.parent.name.split("-")[1]) for p in root.glob("checkpoint-*/kubetune-manifest.json"))
+
+
+@pytest.fixture
+def run(control_plane: Any, operator: Operator, namespace: str, assets: Path) -> Any:
+    """Apply a FineTuneJob in the test's namespace; return the manifest."""
+
+    def go(name: str, **spec: Any) -> dict[str, Any]:
+        doc = ftj(name, assets, **spec)
+        done = apply(control_plane, doc, namespace=namespace)
+        assert done.returncode == 0, done.stderr
+        return doc
+
+    return go
+
+
+def test_finetunejob_runs_to_succeeded(control_plane: Any, run: Any, namespace: str) -> None:
+    """apply -> Job -> pod run by the kubelet -> Succeeded, with metrics, output, times, progress, columns."""
+    doc = run("tiny")
+    st = wait_phase(control_plane, namespace, "tiny", "Succeeded")
+    assert st["jobName"] == "tiny" and st["outputUri"] == doc["spec"]["output"]["uri"]
+    assert {"trainLoss", "evalAccuracy", "evalF1"} <= set(st["metrics"]) and st["eval"].startswith("accuracy=")
+    assert st["progress"]["percent"] == 100 and st["progress"]["step"] == st["progress"]["totalSteps"] == 100
+    assert st["startTime"] and st["completionTime"] and st["restarts"] == 0
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Succeeded"] == "True"
+    assert (Path(doc["spec"]["output"]["uri"]) / "model.safetensors").is_file()
+    row = kubectl(control_plane, "get", "ftj", "tiny", "-n", namespace, "--no-headers").stdout.split()
+    assert row[:2] == ["tiny", "Succeeded"] and row[2] == "100" and float(row[3]) > 0 and row[4].startswith("accuracy=")
+
+
+def test_image_outside_the_allowed_prefixes_is_invalid(control_plane: Any, run: Any, namespace: str) -> None:
+    """A FineTuneJob the operator refuses is marked InvalidSpec, names the field, and gets no Job."""
+    run("elsewhere", image="docker.io/someone/trainer:latest")
+    st = wait_phase(control_plane, namespace, "elsewhere", "Failed", timeout=60)
+    failed = {c["type"]: c for c in st["conditions"]}["Failed"]
+    assert failed["reason"] == "InvalidSpec" and "spec.image" in failed["message"]
+    assert get(control_plane, "job", "elsewhere", namespace) is None
+
+
+def test_preempted_pod_resumes_without_using_a_retry(
+    control_plane: Any, kubelet: Any, run: Any, namespace: str
+) -> None:
+    """A preempted pod is replaced; the new one resumes from the committed checkpoint; no retry is used."""
+    doc = run("preempted", hyperparameters={"epochs": 3}, runPolicy={"maxRetries": 0})
+    wait_for("a committed checkpoint", lambda: committed(doc), timeout=180, every=0.1)
+    first = pods(control_plane, namespace, "preempted")[0]["metadata"]["name"]
+    kubelet.preempt(namespace, first, grace=5)
+    st = wait_phase(control_plane, namespace, "preempted", "Succeeded", timeout=300)
+    assert st["restarts"] == 1 and st["lastRestartReason"] == "Preempted"
+    assert st["progress"]["step"] == 300
+    last = pods(control_plane, namespace, "preempted")[-1]
+    summary = json.loads(last["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    assert summary["resumedFromStep"] >= 20 and summary["stepsThisRun"] == 300 - summary["resumedFromStep"]
+
+
+def test_oom_killed_pod_counts_as_a_retry(control_plane: Any, kubelet: Any, run: Any, namespace: str) -> None:
+    """An OOMKilled pod is retried and counted, with reason OOMKilled."""
+    run("oom", hyperparameters={"epochs": 2}, runPolicy={"maxRetries": 2})
+    name = wait_for(
+        "a running pod",
+        lambda: [
+            p["metadata"]["name"]
+            for p in pods(control_plane, namespace, "oom")
+            if p["status"].get("phase") == "Running"
+        ],
+    )[0]
+    kubelet.oom_kill(namespace, name)
+    st = wait_phase(control_plane, namespace, "oom", "Succeeded", timeout=300)
+    assert st["restarts"] == 1 and st["lastRestartReason"] == "OOMKilled"
+    job = get(control_plane, "job", "oom", namespace) or {}
+    assert job["status"].get("failed") == 1
+
+
+def test_permanent_exit_code_fails_at_once(control_plane: Any, run: Any, namespace: str) -> None:
+    """A dataset without the label column fails the Job at once (no retries) with the job's message."""
+    run("nolabel", dataset={"labelField": "target"}, runPolicy={"maxRetries": 3})
+    st = wait_phase(control_plane, namespace, "nolabel", "Failed", timeout=180)
+    assert "spec.dataset.labelField" in st["message"] and "'target'" in st["message"]
+    assert len(pods(control_plane, namespace, "nolabel")) == 1 and st["restarts"] == 0
+
+
+def test_too_many_gpus_waits_unschedulable_until_a_node_fits(
+    control_plane: Any, kubelet: Any, run: Any, namespace: str
+) -> None:
+    """More GPUs than any node has: Pending with reason Unschedulable; it runs once a big node joins."""
+    from tests.testbed.kubelet import NodeSpec
+
+    run("huge", resources={"gpus": 16})
+    wait_for(
+        "Unschedulable",
+        lambda: any(
+            c.get("reason") == "Unschedulable" and c["type"] == "Running"
+            for c in status(control_plane, namespace, "huge").get("conditions", [])
+        ),
+    )
+    assert status(control_plane, namespace, "huge")["phase"] == "Pending"
+    kubelet.add_node(NodeSpec("gpu-node-big", gpus=16))
+    try:
+        wait_phase(control_plane, namespace, "huge", "Succeeded", timeout=240)
+    finally:
+        kubelet.delete_node("gpu-node-big")
+
+
+def test_suspend_then_resume_continues_from_the_checkpoint(control_plane: Any, run: Any, namespace: str) -> None:
+    """Suspending stops the pods; resuming starts a new pod that resumes from the committed checkpoint."""
+    doc = run("pausable", hyperparameters={"epochs": 3})
+    wait_for("a committed checkpoint", lambda: committed(doc), timeout=180, every=0.1)
+    doc["spec"]["runPolicy"] = {"suspend": True}
+    assert apply(control_plane, doc, namespace=namespace).returncode == 0
+    wait_phase(control_plane, namespace, "pausable", "Suspended", timeout=60)
+    assert (get(control_plane, "job", "pausable", namespace) or {})["spec"]["suspend"] is True
+    wait_for(
+        "pods gone",
+        lambda: all(
+            p["status"].get("phase") in ("Failed", "Succeeded") for p in pods(control_plane, namespace, "pausable")
+        ),
+    )
+    doc["spec"]["runPolicy"] = {"suspend": False}
+    assert apply(control_plane, doc, namespace=namespace).returncode == 0
+    wait_phase(control_plane, namespace, "pausable", "Succeeded", timeout=300)
+    last = pods(control_plane, namespace, "pausable")[-1]
+    summary = json.loads(last["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    assert summary["resumedFromStep"] >= 20 and summary["finalStep"] == 300
+
+
+def test_delete_cascades_to_job_and_pods(control_plane: Any, run: Any, namespace: str) -> None:
+    """Deleting the FineTuneJob removes its Job and pods through ownerReferences."""
+    run("doomed", hyperparameters={"epochs": 3})
+    wait_phase(control_plane, namespace, "doomed", "Running", timeout=120)
+    kubectl(control_plane, "delete", "ftj", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for("the Job gone", lambda: get(control_plane, "job", "doomed", namespace) is None, timeout=60)
+    wait_for("the pods gone", lambda: not pods(control_plane, namespace, "doomed"), timeout=90)
+
+
+def test_restarted_operator_creates_exactly_one_job(
+    control_plane: Any, operator: Operator, namespace: str, assets: Path
+) -> None:
+    """With the Job created and no status written (a crash in between), a restart converges on one Job."""
+    operator.stop()
+    try:
+        doc = ftj("crashed", assets)
+        assert apply(control_plane, doc, namespace=namespace).returncode == 0
+        live = get(control_plane, "ftj", "crashed", namespace) or {}
+        owner = Owner("crashed", namespace, live["metadata"]["uid"])
+        job = children(owner, parse_manifest(doc).spec, OperatorSettings(job_image=JOB_IMAGE))[0]
+        assert apply(control_plane, job).returncode == 0
+        uid = (get(control_plane, "job", "crashed", namespace) or {})["metadata"]["uid"]
+    finally:
+        operator.start()
+    wait_phase(control_plane, namespace, "crashed", "Succeeded", timeout=240)
+    operator.stop()
+    operator.start()  # the resume handler replays the FineTuneJob: nothing new is created
+    jobs = json.loads(kubectl(control_plane, "get", "jobs", "-n", namespace, "-o", "json").stdout)["items"]
+    assert [j["metadata"]["uid"] for j in jobs] == [uid]
+    assert status(control_plane, namespace, "crashed")["phase"] == "Succeeded"
+
+
+def test_operator_account_cannot_read_secrets(control_plane: Any, operator: Operator) -> None:
+    """The operator's ServiceAccount can manage Jobs but cannot get or list Secrets."""
+
+    def can(*args: str) -> str:
+        done = kubectl(control_plane, "auth", "can-i", *args, "-A", kubeconfig=operator.kubeconfig, check=False)
+        return done.stdout.strip()
+
+    assert can("create", "jobs.batch") == "yes" and can("patch", "finetunejobs.kubetune.io/status") == "yes"
+    assert can("get", "secrets") == "no" and can("list", "secrets") == "no"
+
+
+def test_two_nodes_make_an_indexed_job_and_a_headless_service(control_plane: Any, run: Any, namespace: str) -> None:
+    """nodes: 2 creates an Indexed Job of 2 and a headless Service, with torchrun's environment."""
+    run("wide", resources={"nodes": 2, "gpus": 4}, runPolicy={"suspend": True})
+    job = wait_for("the Job", lambda: get(control_plane, "job", "wide", namespace))
+    svc = wait_for("the Service", lambda: get(control_plane, "service", "wide-workers", namespace))
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    assert svc["spec"]["clusterIP"] == "None" and job["spec"]["template"]["spec"]["subdomain"] == "wide-workers"
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_NNODES"]["value"] == "2" and env["KUBETUNE_NPROC_PER_NODE"]["value"] == "4"
+    assert env["KUBETUNE_MASTER_ADDR"]["value"] == "wide-0.wide-workers"
+    assert "job-completion-index" in env["KUBETUNE_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]

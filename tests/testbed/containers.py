@@ -1,0 +1,352 @@
+"""What a container run by the test kubelet sees: its environment, its volumes, its paths.
+
+Values come from the API the way a kubelet resolves them (literal values with ``$(VAR)``
+expansion, ``envFrom``, ``secretKeyRef``, ``configMapKeyRef``, downward-API ``fieldRef`` and
+``resourceFieldRef``). A reference that cannot be resolved raises :class:`ConfigError`, which the
+kubelet reports as ``CreateContainerConfigError`` and retries.
+
+Processes share the host's filesystem, so container paths are mapped to per-pod directories: each
+volume mount, the termination-message file and ``/tmp``. The mapping is applied by rewriting
+mapped paths wherever they appear as a path in env values, command words, arguments and the
+working directory (see :class:`PathMap`). Pass paths to a pod through env or args and they land
+in the pod's directory; a path the program builds itself from other pieces is not rewritten.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+from kubernetes.utils import parse_quantity
+
+POD_IP = "127.0.0.1"
+HOST_IP = "127.0.0.1"
+
+
+class ConfigError(Exception):
+    """A reference in the pod spec cannot be resolved right now (the kubelet retries)."""
+
+
+# --- paths
+
+
+# A container path is rewritten where it starts a path: at the start of a string or after a
+# space, quote, '=', ':', ',', '(' or '[', and followed by the end, '/', or such a delimiter. That
+# catches `--out=/data/x`, `echo x > /dev/termination-log` and `open('/tmp/y')`, not `s3://b/data`.
+_BEFORE = r"(?:^|(?<=[\s=:'\"(,\[]))"
+_AFTER = r"(?=$|[/\s'\"),\];:])"
+
+
+@dataclass(frozen=True)
+class PathMap:
+    """Container path -> host path; the longest container path wins where mounts nest."""
+
+    pairs: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, Path]) -> PathMap:
+        items = sorted(((c.rstrip("/") or "/", str(h)) for c, h in mapping.items()), key=lambda p: -len(p[0]))
+        return cls(tuple(items))
+
+    def rewrite(self, value: str) -> str:
+        """Replace every mapped container path in ``value`` by its host path, in one pass.
+
+        One pass matters: a host path (under /tmp, say) must not be rewritten again by another mapping.
+        """
+        if not self.pairs:
+            return value
+        hosts = dict(self.pairs)
+        alternatives = "|".join(re.escape(c) for c, _ in self.pairs)
+        pattern = re.compile(f"{_BEFORE}(?:{alternatives}){_AFTER}")
+        return pattern.sub(lambda m: hosts[m.group(0)], value)
+
+
+# --- $(VAR) expansion, as the kubelet does for env values, command and args
+
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """``$(NAME)`` becomes env[NAME] when defined (else stays as written); ``$$`` escapes a ``$``."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return _REFERENCE.sub(replace, value)
+
+
+# --- env
+
+
+class Lookups:
+    """Reads Secrets and ConfigMaps of one namespace, once each per resolution."""
+
+    def __init__(self, core: k8s.CoreV1Api, namespace: str) -> None:
+        self._core = core
+        self._namespace = namespace
+        self._secrets: dict[str, dict[str, str] | None] = {}
+        self._config_maps: dict[str, dict[str, str] | None] = {}
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    def secret(self, name: str) -> dict[str, str] | None:
+        if name not in self._secrets:
+            self._secrets[name] = self._read(self._core.read_namespaced_secret, name, _decode_secret)
+        return self._secrets[name]
+
+    def config_map(self, name: str) -> dict[str, str] | None:
+        if name not in self._config_maps:
+            self._config_maps[name] = self._read(self._core.read_namespaced_config_map, name, _config_map_data)
+        return self._config_maps[name]
+
+    def token(self, pod: k8s.V1Pod, *, audience: str | None, expiration_seconds: int | None) -> str:
+        """A token for the pod's ServiceAccount, bound to the pod, from the TokenRequest API."""
+        request = k8s.AuthenticationV1TokenRequest(
+            spec=k8s.V1TokenRequestSpec(
+                audiences=[audience] if audience else [],
+                expiration_seconds=expiration_seconds,
+                bound_object_ref=k8s.V1BoundObjectReference(
+                    api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
+                ),
+            )
+        )
+        account = pod.spec.service_account_name or "default"
+        try:
+            response = self._core.create_namespaced_service_account_token(account, self._namespace, request)
+        except ApiException as e:
+            if e.status == 404:
+                raise ConfigError(f'serviceaccount "{account}" not found') from e
+            raise
+        return str(response.status.token)
+
+    def _read(
+        self, reader: Callable[..., object], name: str, convert: Callable[[object], dict[str, str]]
+    ) -> dict[str, str] | None:
+        try:
+            return convert(reader(name, self._namespace))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+
+def _decode_secret(secret: object) -> dict[str, str]:
+    data = getattr(secret, "data", None) or {}
+    return {k: base64.b64decode(v).decode(errors="replace") for k, v in data.items()}
+
+
+def _config_map_data(config_map: object) -> dict[str, str]:
+    return dict(getattr(config_map, "data", None) or {})
+
+
+def _not_found(kind: str, name: str) -> ConfigError:
+    # The kubelet's wording: 'secret "x" not found', 'configmap "x" not found'.
+    return ConfigError(f'{kind.lower()} "{name}" not found')
+
+
+def _key_ref(kind: str, ref: k8s.V1SecretKeySelector | k8s.V1ConfigMapKeySelector, lookups: Lookups) -> str | None:
+    """A key of a Secret/ConfigMap, None for an optional miss, ConfigError for a required one."""
+    source = lookups.secret(ref.name) if kind == "Secret" else lookups.config_map(ref.name)
+    if source is None:
+        if ref.optional:
+            return None
+        raise _not_found(kind, ref.name)
+    if ref.key not in source:
+        if ref.optional:
+            return None
+        raise ConfigError(f"couldn't find key {ref.key} in {kind} {lookups.namespace}/{ref.name}")
+    return source[ref.key]
+
+
+def field_value(pod: k8s.V1Pod, path: str) -> str:
+    """The value of a downward-API ``fieldRef.fieldPath``."""
+    meta = pod.metadata
+    simple: dict[str, Callable[[], str | None]] = {
+        "metadata.name": lambda: meta.name,
+        "metadata.namespace": lambda: meta.namespace,
+        "metadata.uid": lambda: meta.uid,
+        "spec.nodeName": lambda: pod.spec.node_name,
+        "spec.serviceAccountName": lambda: pod.spec.service_account_name,
+        "status.hostIP": lambda: HOST_IP,
+        "status.hostIPs": lambda: HOST_IP,
+        "status.podIP": lambda: POD_IP,
+        "status.podIPs": lambda: POD_IP,
+    }
+    if path in simple:
+        return simple[path]() or ""
+    match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if match:
+        values = (meta.labels if match.group(1) == "labels" else meta.annotations) or {}
+        return str(values.get(match.group(2), ""))
+    raise ConfigError(f"unsupported fieldRef fieldPath {path!r}")
+
+
+def resource_value(container: k8s.V1Container, ref: k8s.V1ResourceFieldSelector, allocatable: Mapping[str, str]) -> str:
+    """A ``resourceFieldRef``: the container's limit (else the node's allocatable) over the divisor, rounded up."""
+    kind, _, resource = ref.resource.partition(".")
+    resources = container.resources
+    values = (resources.limits if kind == "limits" else resources.requests) if resources else None
+    quantity = (values or {}).get(resource) or allocatable.get(resource, "0")
+    divisor = parse_quantity(ref.divisor or "1")
+    return str(math.ceil(parse_quantity(quantity) / divisor))
+
+
+def container_env(
+    pod: k8s.V1Pod,
+    container: k8s.V1Container,
+    *,
+    lookups: Lookups,
+    base: Mapping[str, str],
+    allocatable: Mapping[str, str],
+) -> dict[str, str]:
+    """``base`` overlaid with ``envFrom`` and then ``env``, each value expanded against what precedes it."""
+    env = dict(base)
+    for source in container.env_from or ():
+        env.update(_env_from(source, lookups))
+    for var in container.env or ():
+        value = _env_value(pod, container, var, lookups=lookups, env=env, allocatable=allocatable)
+        if value is not None:
+            env[var.name] = value
+    return env
+
+
+def _env_from(source: k8s.V1EnvFromSource, lookups: Lookups) -> dict[str, str]:
+    prefix = source.prefix or ""
+    ref: k8s.V1SecretEnvSource | k8s.V1ConfigMapEnvSource | None = source.secret_ref or source.config_map_ref
+    if ref is None:
+        raise ConfigError("envFrom: neither secretRef nor configMapRef")
+    kind = "Secret" if source.secret_ref is not None else "ConfigMap"
+    values = lookups.secret(str(ref.name)) if kind == "Secret" else lookups.config_map(str(ref.name))
+    if values is None:
+        if ref.optional:
+            return {}
+        raise _not_found(kind, str(ref.name))
+    return {prefix + k: v for k, v in values.items()}
+
+
+def _env_value(
+    pod: k8s.V1Pod,
+    container: k8s.V1Container,
+    var: k8s.V1EnvVar,
+    *,
+    lookups: Lookups,
+    env: Mapping[str, str],
+    allocatable: Mapping[str, str],
+) -> str | None:
+    source = var.value_from
+    if source is None:
+        return expand(var.value or "", env)
+    if source.secret_key_ref is not None:
+        return _key_ref("Secret", source.secret_key_ref, lookups)
+    if source.config_map_key_ref is not None:
+        return _key_ref("ConfigMap", source.config_map_key_ref, lookups)
+    if source.field_ref is not None:
+        return field_value(pod, source.field_ref.field_path)
+    if source.resource_field_ref is not None:
+        return resource_value(container, source.resource_field_ref, allocatable)
+    raise ConfigError(f"env {var.name}: unsupported valueFrom")
+
+
+# --- volumes
+
+
+def prepare_volumes(pod: k8s.V1Pod, *, pod_dir: Path, claims_dir: Path, lookups: Lookups) -> dict[str, Path]:
+    """Materialize the pod's volumes as host directories, by volume name.
+
+    emptyDir: a fresh directory. configMap / secret / downwardAPI / projected (including the
+    service-account token the admission plugin adds, from the TokenRequest API): their content
+    written as files. A persistentVolumeClaim: one directory per claim, shared by every pod that
+    mounts it and kept across pods. Any other kind raises ConfigError (the pod waits in
+    ContainerCreating).
+    """
+    volumes: dict[str, Path] = {}
+    for volume in pod.spec.volumes or ():
+        host = pod_dir / "volumes" / volume.name
+        host.mkdir(parents=True, exist_ok=True)
+        if volume.config_map is not None:
+            cm = volume.config_map
+            _write_keys(host, "ConfigMap", cm.name, cm.items, cm.optional, lookups.config_map(cm.name))
+        elif volume.secret is not None:
+            sec = volume.secret
+            _write_keys(host, "Secret", sec.secret_name, sec.items, sec.optional, lookups.secret(sec.secret_name))
+        elif volume.downward_api is not None:
+            _write_downward(host, pod, volume.downward_api.items)
+        elif volume.projected is not None:
+            for source in volume.projected.sources or ():
+                _write_projection(host, pod, source, lookups)
+        elif volume.persistent_volume_claim is not None:
+            host = claims_dir / pod.metadata.namespace / volume.persistent_volume_claim.claim_name
+            host.mkdir(parents=True, exist_ok=True)
+        elif volume.empty_dir is None:
+            raise ConfigError(f"volume {volume.name}: the test kubelet does not support this volume type")
+        volumes[volume.name] = host
+    return volumes
+
+
+def _write_projection(directory: Path, pod: k8s.V1Pod, source: k8s.V1VolumeProjection, lookups: Lookups) -> None:
+    if source.service_account_token is not None:
+        token = source.service_account_token
+        value = lookups.token(pod, audience=token.audience, expiration_seconds=token.expiration_seconds)
+        _write_files(directory, {token.path: value})
+    elif source.config_map is not None:
+        cm = source.config_map
+        _write_keys(directory, "ConfigMap", cm.name, cm.items, cm.optional, lookups.config_map(cm.name))
+    elif source.secret is not None:
+        sec = source.secret
+        _write_keys(directory, "Secret", sec.name, sec.items, sec.optional, lookups.secret(sec.name))
+    elif source.downward_api is not None:
+        _write_downward(directory, pod, source.downward_api.items)
+    # Other projections (clusterTrustBundle, podCertificate) are left out: nothing here uses them.
+
+
+def _write_downward(directory: Path, pod: k8s.V1Pod, items: list[k8s.V1DownwardAPIVolumeFile] | None) -> None:
+    files = {}
+    for item in items or ():
+        if item.field_ref is None:
+            raise ConfigError(f"downwardAPI {item.path}: only fieldRef is supported here")
+        files[item.path] = field_value(pod, item.field_ref.field_path)
+    _write_files(directory, files)
+
+
+def _write_keys(
+    directory: Path,
+    kind: str,
+    name: str,
+    items: list[k8s.V1KeyToPath] | None,
+    optional: bool | None,
+    values: dict[str, str] | None,
+) -> None:
+    if values is None:
+        if not optional:
+            raise _not_found(kind, name)
+        values = {}
+    _write_files(directory, {item.path: values[item.key] for item in items if item.key in values} if items else values)
+
+
+def _write_files(directory: Path, files: Mapping[str, str]) -> None:
+    for relative, content in files.items():
+        path = directory / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+
+
+def mount_map(container: k8s.V1Container, volumes: Mapping[str, Path]) -> dict[str, Path]:
+    """The container's mountPath -> host directory (honouring subPath)."""
+    mounts: dict[str, Path] = {}
+    for mount in container.volume_mounts or ():
+        host = volumes[mount.name]
+        if mount.sub_path:
+            host = host / mount.sub_path
+            host.mkdir(parents=True, exist_ok=True)
+        mounts[mount.mount_path] = host
+    return mounts

@@ -1,0 +1,188 @@
+"""The operator's pure decisions: the objects it creates, the CRD schema, and status derivation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kubetune_job.spec import parse_manifest
+from kubetune_operator.crd import crd, spec_schema
+from kubetune_operator.manifests import InvalidSpec, Owner, children, desired_suspend
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.status import derive, phase_of
+from tests.unit.test_spec import GOOD
+
+OWNER = Owner("bert-mrpc", "ml", "uid-1")
+NOW = "2026-01-01T00:00:00Z"
+
+
+def spec(**changes: Any) -> Any:
+    return parse_manifest({**GOOD, "spec": {**GOOD["spec"], **changes}}).spec
+
+
+def job_of(**changes: Any) -> dict[str, Any]:
+    return children(
+        OWNER,
+        spec(**changes),
+        OperatorSettings(checkpoint_root="s3://kubetune/runs", storage_endpoint="http://s3:8333"),
+    )[-1]
+
+
+def test_job_is_owned_named_and_restricted() -> None:
+    """The Job carries the FineTuneJob's name and owner, and pods meet the restricted standard."""
+    job = job_of()
+    assert job["metadata"]["name"] == "bert-mrpc" and job["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "Never"
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    ctx = pod["containers"][0]["securityContext"]
+    assert ctx == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+    assert "serviceAccountName" not in pod and "hostNetwork" not in pod
+
+
+def test_defaults_fill_checkpoint_location_per_namespace_and_name() -> None:
+    """checkpoints.uri defaults to <root>/<namespace>/<name>/ and reaches the pod in KUBETUNE_SPEC."""
+    env = {e["name"]: e for e in job_of()["spec"]["template"]["spec"]["containers"][0]["env"]}
+    passed = json.loads(env["KUBETUNE_SPEC"]["value"])
+    assert passed["checkpoints"]["uri"] == "s3://kubetune/runs/ml/bert-mrpc/"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3:8333"
+
+
+def test_credentials_come_by_secret_reference_only() -> None:
+    """Storage and Hub credentials are secretKeyRefs in the pod; the operator never reads them."""
+    env = {
+        e["name"]: e
+        for e in job_of(storage={"credentialsSecret": "s3-creds"}, hubTokenSecret="hf")["spec"]["template"]["spec"][
+            "containers"
+        ][0]["env"]
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
+
+
+def test_failure_policy_ignores_preemption_and_fails_permanent_codes() -> None:
+    """DisruptionTarget is ignored; the job's permanent exit codes fail the Job; no duplicate pods."""
+    body = job_of(runPolicy={"maxRetries": 5})["spec"]
+    rules = body["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [10, 11, 12, 13]
+    assert body["backoffLimit"] == 5 and body["podReplacementPolicy"] == "Failed"
+
+
+def test_gpus_and_scheduling_reach_the_pod() -> None:
+    """GPU count, node selector, tolerations and priority class are carried over."""
+    pod = job_of(
+        resources={"gpus": 4, "cpu": "8", "memory": "32Gi"},
+        scheduling={
+            "nodeSelector": {"pool": "a100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "priorityClassName": "high",
+        },
+    )["spec"]["template"]["spec"]
+    res = pod["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == "4" and res["requests"]["cpu"] == "8"
+    assert pod["nodeSelector"] == {"pool": "a100"} and pod["priorityClassName"] == "high"
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+
+
+def test_kueue_queue_creates_the_job_suspended_and_never_unsuspends() -> None:
+    """With a queueName the Job starts suspended with Kueue's label; only Kueue resumes it."""
+    job = job_of(scheduling={"queueName": "team-a"})
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert desired_suspend(spec(scheduling={"queueName": "team-a"}), current=True) is None
+    assert desired_suspend(spec(runPolicy={"suspend": True}), current=False) is True
+
+
+def test_image_outside_allowed_prefixes_is_invalid() -> None:
+    """spec.image must start with an allowed prefix when the admin set some."""
+    with pytest.raises(InvalidSpec) as e:
+        children(OWNER, spec(image="evil.io/x:1"), OperatorSettings(allowed_image_prefixes=["ghcr.io/kubetune/"]))
+    assert e.value.field == "spec.image"
+
+
+def test_crd_schema_is_structural() -> None:
+    """No $ref, anyOf or titles remain; every property has a type or is int-or-string."""
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            assert not {"$ref", "anyOf", "title", "const"} & set(node), path
+            for key, sub in (node.get("properties") or {}).items():
+                assert "type" in sub or sub.get("x-kubernetes-int-or-string"), f"{path}.{key}"
+                walk(sub, f"{path}.{key}")
+
+    walk(spec_schema(), "spec")
+    assert crd()["spec"]["names"]["shortNames"] == ["ftj"]
+
+
+def test_only_suspend_and_ttl_may_change() -> None:
+    """Immutability rules cover every spec field except runPolicy.suspend and ttlSecondsAfterFinished."""
+    rules = " ".join(r["rule"] for r in spec_schema()["x-kubernetes-validations"])
+    assert "self.model == oldSelf.model" in rules and "self.runPolicy.maxRetries" in rules
+    assert "runPolicy.suspend" not in rules and "ttlSecondsAfterFinished" not in rules
+
+
+def pod(phase: str, *, created: str = "2026-01-01T00:00:00Z", **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"p-{created}", "uid": created, "creationTimestamp": created},
+        "status": {"phase": phase, **status},
+    }
+
+
+def test_unschedulable_pod_explains_pending() -> None:
+    """A pod the scheduler cannot place makes the phase Pending with reason Unschedulable."""
+    waiting = pod(
+        "Pending",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/1 nodes: Insufficient nvidia.com/gpu",
+            }
+        ],
+    )
+    assert phase_of({"metadata": {"name": "x"}, "spec": {}, "status": {}}, [waiting])[:2] == (
+        "Pending",
+        "Unschedulable",
+    )
+
+
+def test_preempted_pod_counts_as_a_restart_once() -> None:
+    """A preempted pod is one restart with reason Preempted, even after it is gone from the listing."""
+    preempted = pod("Failed", conditions=[{"type": "DisruptionTarget", "status": "True"}])
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {}}
+    first = derive(job=job, pods=[preempted], metrics=["accuracy"], generation=1, previous={}, now=NOW)
+    again = derive(
+        job=job, pods=[pod("Running", created="2026-01-02")], metrics=[], generation=1, previous=first, now=NOW
+    )
+    assert (first["restarts"], again["restarts"], again["lastRestartReason"]) == (1, 1, "Preempted")
+
+
+def test_succeeded_status_takes_metrics_from_the_summary() -> None:
+    """The job's termination message fills metrics, the eval column, outputUri and 100% progress."""
+    summary = {
+        "phase": "Succeeded",
+        "finalStep": 10,
+        "totalSteps": 10,
+        "metrics": {"evalAccuracy": 0.9, "trainLoss": 0.2},
+        "outputUri": "s3://b/m/",
+    }
+    done = pod(
+        "Succeeded", containerStatuses=[{"state": {"terminated": {"exitCode": 0, "message": json.dumps(summary)}}}]
+    )
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    st = derive(job=job, pods=[done], metrics=["accuracy", "f1"], generation=2, previous={}, now=NOW)
+    assert st["phase"] == "Succeeded" and st["eval"] == "accuracy=0.9000" and st["outputUri"] == "s3://b/m/"
+    assert st["progress"]["percent"] == 100 and st["observedGeneration"] == 2
