@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install testbed lint test unit quickstart bench
+.PHONY: install testbed lint test unit quickstart bench docs
 
 install:  ## Python environment (job, operator, dev tools) and the quickstart's model
 	python3 -m venv $(VENV)
@@ -18,6 +18,7 @@ lint:
 	$(BIN)/ruff format --check job operator tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
 
 test: testbed lint  ## everything CI runs
 	KUBETUNE_REQUIRE_TESTBED=1 HF_HUB_OFFLINE=1 $(BIN)/pytest -p no:cacheprovider
@@ -27,3 +28,7 @@ unit:
 
 quickstart:
 	$(BIN)/kubetune run examples/quickstart.yaml
+
+docs:  ## regenerate docs/api.md (from the CRD) and docs/values.md (from the chart's values schema)
+	$(BIN)/kubetune docs api > docs/api.md.tmp && mv docs/api.md.tmp docs/api.md
+	$(BIN)/kubetune docs values > docs/values.md.tmp && mv docs/values.md.tmp docs/values.md

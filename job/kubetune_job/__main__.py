@@ -1,10 +1,16 @@
-"""`python -m kubetune_job`: the training program a FineTuneJob's pods run."""
+"""`python -m kubetune_job`: the training program a FineTuneJob's pods run.
+
+With several processes per pod (KUBETUNE_NPROC_PER_NODE > 1) the first one launches the others
+under torchrun (launch.py), and each of those runs the job as one rank.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
+from . import launch
 from .settings import JobSettings
 from .train import execute
 
@@ -12,6 +18,8 @@ from .train import execute
 def main() -> int:
     settings = JobSettings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if launch.needed(settings, os.environ):
+        return launch.launch(settings)
     return execute(settings)
 
 

@@ -3,41 +3,136 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from .checkpoints import CheckpointStore, checkpoint_dir
+from .checkpoints import CheckpointStore, checkpoint_dir, freeze
+from .errors import Preempted
 
 log = logging.getLogger(__name__)
 
 
-class CommitCheckpoints(TrainerCallback):
-    """After each Trainer save, commit checkpoint-N to the checkpoint store (main process only)."""
+class _Upload(threading.Thread):
+    """One checkpoint commit running beside training; keeps what it raised for the waiter."""
 
-    def __init__(self, store: CheckpointStore) -> None:
+    def __init__(self, work: Callable[[threading.Event], None], step: int) -> None:
+        # A daemon: a job that exits (preempted past its grace, failed) never waits on an upload.
+        super().__init__(name=f"kubetune-upload-{step}", daemon=True)
+        self.work = work
+        self.step = step
+        self.abort = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.work(self.abort)
+        except BaseException as e:
+            self.error = e
+
+
+class CommitCheckpoints(TrainerCallback):
+    """After each Trainer save, commit checkpoint-N to the checkpoint store in the background.
+
+    Training goes on while checkpoint-N uploads (main process only). At most one upload is in
+    flight: a save that comes while the previous upload runs waits for it, and a failed upload
+    fails the run at the next save or at train end, never silently. `deadline` (time.monotonic(),
+    set by a SIGTERM) bounds every wait: past it the upload is abandoned before its manifest.
+
+    For metrics: upload_wait_seconds (training blocked on uploads, cumulative), last_upload_seconds,
+    last_upload_bytes, last_committed (step) and last_committed_time (Unix time).
+    """
+
+    def __init__(
+        self, store: CheckpointStore, *, spool: Path, deadline: Callable[[], float | None] = lambda: None
+    ) -> None:
         self.store = store
+        self.spool = spool
+        self.deadline = deadline
         self.last_committed: int | None = None
+        self.last_committed_time: float | None = None
+        self.last_upload_seconds: float | None = None
+        self.last_upload_bytes: int | None = None
+        self.upload_wait_seconds = 0.0
+        self.upload_seconds = 0.0
+        self.uploads = 0
+        self._flight: _Upload | None = None
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
-        local = Path(args.output_dir) / checkpoint_dir(state.global_step)
-        self.store.commit(local, state.global_step)
-        self.last_committed = state.global_step
-        log.info("committed checkpoint-%d to %s", state.global_step, self.store.storage.uri)
+        self.wait()
+        step = state.global_step
+        frozen = freeze(Path(args.output_dir) / checkpoint_dir(step), self.spool / checkpoint_dir(step))
+        self._flight = _Upload(lambda abort: self._commit(frozen, step, abort), step)
+        self._flight.start()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the upload in flight is committed, and raise what it raised."""
+        flight = self._flight
+        if flight is None:
+            return
+        began = time.monotonic()
+        # Short joins: a SIGTERM arriving during the wait sets a deadline that must be honoured.
+        while flight.is_alive():
+            deadline = self.deadline()
+            if deadline is not None and time.monotonic() >= deadline:
+                flight.abort.set()
+                self.upload_wait_seconds += time.monotonic() - began
+                raise Preempted(
+                    None,
+                    f"stopped by SIGTERM; checkpoint-{flight.step} was not committed within the grace budget, "
+                    f"the newest committed checkpoint is {self.last_committed or 'none'}",
+                )
+            flight.join(0.2 if deadline is None else min(0.2, max(deadline - time.monotonic(), 0.0)))
+        self.upload_wait_seconds += time.monotonic() - began
+        self._flight = None
+        if flight.error is not None:
+            raise flight.error
+
+    def _commit(self, frozen: Path, step: int, abort: threading.Event) -> None:
+        began = time.monotonic()
+        size = self.store.commit(frozen, step, abort=abort)
+        took = time.monotonic() - began
+        shutil.rmtree(frozen, ignore_errors=True)
+        self.last_upload_seconds, self.last_upload_bytes = took, size
+        self.upload_seconds += took
+        self.uploads += 1
+        self.last_committed, self.last_committed_time = step, time.time()
+        log.info("committed checkpoint-%d to %s (%.1f MB in %.2f s)", step, self.store.storage.uri, size / 1e6, took)
 
 
 class RunAccount(TrainerCallback):
-    """Counts the optimizer steps this process trained, to prove a resume repeated none."""
+    """Counts the optimizer steps and the training samples this process trained on, to prove that a
+    resume repeated and skipped none. Samples are counted as the model sees them (a forward hook in
+    training mode), so batches the data loader prefetched but never trained on do not count."""
 
     def __init__(self) -> None:
         self.steps = 0
         self.total_steps = 0
+        self.samples = 0
+        self._hook: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.total_steps = state.max_steps
+        model = kwargs.get("model")
+        if model is not None and self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if module.training:
+            name = getattr(module, "main_input_name", "input_ids")
+            batch = kwargs.get(name, args[0] if args else None)
+            self.samples += len(batch) if batch is not None else 0
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.steps += 1

@@ -4,21 +4,28 @@ A checkpoint counts as committed only when its manifest exists and every file it
 with the recorded size; a resume also checks each file's sha256 after download. Anything else
 under the checkpoint root (a half upload from a killed pod, an old checkpoint past `keep`) is
 garbage that pruning removes, never the newest committed checkpoint nor the one being written.
+
+One pod writes a job's checkpoints at a time, so every uncommitted checkpoint found is a leftover.
+Should a dying predecessor still finish an upload after its files were pruned, its manifest lists
+files that are missing, and the checkpoint never counts as committed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .storage import ObjectInfo, Storage, download_prefix, sha256_file, upload_dir
+from .storage import ObjectInfo, Storage, sha256_file, upload_dir, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +68,32 @@ def listing_matches(manifest: dict[str, Any], present: dict[str, int]) -> bool:
 
 
 def prune_plan(objects: list[ObjectInfo], committed: list[int], keep: int, writing: int | None) -> list[str]:
-    """Keys to delete: committed checkpoints past the newest `keep`, and uncommitted leftovers
-    older than the newest committed one (a pod killed mid-upload). Never the one being written."""
-    kept = set(sorted(committed, reverse=True)[:keep])
-    newest = max(committed, default=-1)
-    doomed = set()
-    for step in group_by_step(objects):
-        if step in kept or step == writing:
-            continue
-        if step in committed or step < newest:
-            doomed.add(step)
+    """Keys to delete: committed checkpoints past the newest `keep` (never the newest one), and
+    uncommitted leftovers (a pod killed mid-upload). Never the checkpoint being written."""
+    kept = set(sorted(committed, reverse=True)[: max(keep, 1)])
+    doomed = {step for step in group_by_step(objects) if step not in kept and step != writing}
     return [o.key for o in objects if (m := _DIR.match(o.key)) and int(m.group(1)) in doomed]
+
+
+class CommitAborted(Exception):
+    """A commit stopped before its manifest: the checkpoint stays uncommitted."""
+
+
+def freeze(local: Path, into: Path) -> Path:
+    """A hard-linked snapshot of a checkpoint directory, for uploading while training goes on.
+
+    The Trainer deletes old local checkpoints when it saves a new one; the links keep the files
+    alive (at no copy cost) until the upload is done. Falls back to copying across filesystems.
+    """
+    shutil.rmtree(into, ignore_errors=True)
+    for path, rel in walk_files(local):
+        target = into / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+    return into
 
 
 @dataclass
@@ -81,6 +103,8 @@ class CheckpointStore:
     storage: Storage
     keep: int
     warnings: list[str] = field(default_factory=list)
+    #: Steps whose files failed their checksums: never committed, pruned like leftovers.
+    rejected: set[int] = field(default_factory=set)
 
     def committed(self) -> list[Committed]:
         """Committed checkpoints, newest first (listing checked, checksums not yet)."""
@@ -88,7 +112,7 @@ class CheckpointStore:
         present = group_by_step(objects)
         out = []
         for step in sorted(present, reverse=True):
-            if MANIFEST not in present[step]:
+            if MANIFEST not in present[step] or step in self.rejected:
                 continue
             try:
                 manifest = json.loads(self.storage.read_bytes(f"{checkpoint_dir(step)}/{MANIFEST}"))
@@ -101,34 +125,72 @@ class CheckpointStore:
             out.append(Committed(step, manifest))
         return out
 
+    def resume(self, into: Path) -> int | None:
+        """At start: fetch the newest checkpoint that verifies (fetch_latest), then delete what
+        interrupted uploads and failed checks left behind. Return its step, None to start afresh."""
+        step = self.fetch_latest(into)
+        self.prune(writing=None)
+        return step
+
     def fetch_latest(self, into: Path) -> int | None:
         """Download the newest checkpoint that verifies into `into`/checkpoint-N; return N."""
         for c in self.committed():
             local = into / checkpoint_dir(c.step)
             shutil.rmtree(local, ignore_errors=True)
-            download_prefix(self.storage, checkpoint_dir(c.step), local)
-            bad = [f["path"] for f in c.manifest["files"] if sha256_file(local / f["path"]) != f["sha256"]]
+            bad = self._download_verified(c, local)
             if not bad:
-                (local / MANIFEST).unlink(missing_ok=True)
                 return c.step
             self._warn(f"checkpoint-{c.step}: checksum mismatch in {', '.join(bad[:3])}; using an older one")
+            self.rejected.add(c.step)
             shutil.rmtree(local, ignore_errors=True)
         return None
 
-    def commit(self, local: Path, step: int) -> None:
-        """Upload checkpoint-N's files, then its manifest, then prune."""
+    def _download_verified(self, c: Committed, local: Path) -> list[str]:
+        """Download the files the manifest lists into local; return those that fail their sha256."""
+
+        def one(entry: dict[str, Any]) -> str | None:
+            rel = PurePosixPath(entry["path"])
+            if rel.is_absolute() or ".." in rel.parts:
+                return entry["path"]  # a manifest never points outside its checkpoint
+            target = local / rel
+            try:
+                self.storage.download_file(f"{checkpoint_dir(c.step)}/{rel}", target)
+            except FileNotFoundError:
+                return entry["path"]  # deleted since the listing
+            return None if sha256_file(target) == entry["sha256"] else entry["path"]
+
+        with ThreadPoolExecutor(4) as pool:
+            return [p for p in pool.map(one, c.manifest["files"]) if p is not None]
+
+    def commit(self, local: Path, step: int, *, abort: threading.Event | None = None) -> int:
+        """Upload checkpoint-N's files, then its manifest, then prune; return the bytes uploaded.
+
+        A manifest left from an earlier attempt at the same step goes first, so that the files
+        being replaced never sit under a manifest. With `abort` set before the manifest is
+        written, the commit stops there (CommitAborted) and the checkpoint stays uncommitted.
+        """
         prefix = checkpoint_dir(step)
+        self.storage.delete([f"{prefix}/{MANIFEST}"])
+        self.rejected.discard(step)  # written afresh: no longer the damaged one fetch_latest saw
         files = [f for f in upload_dir(self.storage, local, prefix) if f[0] != MANIFEST]
+        if abort is not None and abort.is_set():
+            raise CommitAborted(f"checkpoint-{step}: stopped before its manifest; not committed")
         self.storage.write_bytes(f"{prefix}/{MANIFEST}", json.dumps(build_manifest(step, files)).encode())
         self.prune(writing=None)
+        return sum(size for _, size, _ in files)
 
     def prune(self, writing: int | None) -> None:
+        """Delete what prune_plan dooms; log leftovers of interrupted uploads by step."""
         objects = self.storage.list("checkpoint-")
         committed = [c.step for c in self.committed()]
         doomed = prune_plan(objects, committed, self.keep, writing)
+        leftovers = sorted({int(m.group(1)) for k in doomed if (m := _DIR.match(k))} - set(committed))
+        if leftovers:
+            log.info("removing uncommitted checkpoint(s) %s (interrupted uploads, failed checks)", leftovers)
         if doomed:
             self.storage.delete(doomed)
 
     def _warn(self, message: str) -> None:
-        log.warning(message)
-        self.warnings.append(message)
+        if message not in self.warnings:
+            log.warning(message)
+            self.warnings.append(message)

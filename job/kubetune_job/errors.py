@@ -7,6 +7,7 @@ is retried up to runPolicy.maxRetries. Keep this table and docs/exit-codes.md in
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -40,10 +41,14 @@ class JobError(Exception):
 
     code: ExitCode = ExitCode.RETRYABLE
     reason = "Error"
+    #: The summary's phase for this outcome.
+    phase = "Failed"
 
     def __init__(self, field: str | None, message: str) -> None:
         self.field = field
         self.message = message
+        #: Extra summary fields (progress at the time of the error).
+        self.details: dict[str, Any] = {}
         super().__init__(f"{field}: {message}" if field else message)
 
 
@@ -70,3 +75,11 @@ class StorageDenied(JobError):
 class StorageUnavailable(JobError):
     code = ExitCode.STORAGE_UNAVAILABLE
     reason = "StorageUnavailable"
+
+
+class Preempted(JobError):
+    """SIGTERM (preemption, drain): stopped, with the newest checkpoint committed if the grace allowed."""
+
+    code = ExitCode.PREEMPTED
+    reason = "Preempted"
+    phase = "Preempted"

@@ -98,7 +98,7 @@ class TerminalProgress(TrainerCallback):
         self._print(f"evaluation at step {state.global_step}: {shown}")
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._print(f"checkpoint-{state.global_step} committed")
+        self._print(f"checkpoint-{state.global_step} saved; committing it in the background")
 
     def _print(self, line: str) -> None:
         if self.tty:
@@ -121,6 +121,8 @@ def table(summary: dict[str, Any]) -> str:
         rows += [(k, f"{v:.4f}") for k, v in summary.get("metrics", {}).items()]
         rows += [("samples/s", f"{summary['trainSamplesPerSecond']:.1f}"), ("model", summary["outputUri"])]
         rows += [("warning", w) for w in summary.get("warnings") or []]
+    if summary.get("metricsPushFailures"):
+        rows.append(("metrics", f"{summary['metricsPushFailures']} pushes to the Pushgateway failed"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 

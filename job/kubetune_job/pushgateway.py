@@ -81,7 +81,7 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "kubetune_job_outcome",
         "gauge",
-        "1 once the attempt ended: its phase (Succeeded, Failed, Preempted), reason, and whether its exit code is retried.",
+        "1 once the attempt ended: its phase (Succeeded, Failed, Preempted), reason, and whether it is retried.",
         ("phase", "reason", "retryable"),
     ),
     Metric(

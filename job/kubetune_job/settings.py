@@ -21,5 +21,30 @@ class JobSettings(BaseSettings):
     summary_path: Path = Field(
         Path("/dev/termination-log"), description="Where the JSON summary goes (the pod's termination message)."
     )
+    preemption_grace_seconds: float = Field(
+        25.0,
+        gt=0,
+        description="After SIGTERM, seconds to save and commit a checkpoint before exiting with code 21; keep it "
+        "below the pod's terminationGracePeriodSeconds.",
+    )
+    storage_retry_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="How long one storage request is retried (throttling, timeouts, 5xx, dropped connections) "
+        "before the job exits with the retryable storage code 20.",
+    )
     pushgateway_url: str | None = Field(None, description="Prometheus Pushgateway for training metrics.")
+    push_interval_seconds: float = Field(
+        10.0, gt=0, description="Seconds between metric pushes; evaluations, checkpoints and the end push at once."
+    )
+    push_timeout_seconds: float = Field(
+        3.0, gt=0, description="Timeout of one metrics push (pushes run on a background thread, never in training)."
+    )
     log_level: str = Field("INFO", description="Python logging level.")
+    nproc_per_node: int = Field(
+        1, ge=1, le=64, description="Training processes in this pod, one per GPU; more than 1 runs them under torchrun."
+    )
+    nnodes: int = Field(1, ge=1, le=64, description="Pods (nodes) training together; more than 1 needs master_addr.")
+    node_rank: int = Field(0, ge=0, description="This pod's index among the nodes: its Indexed Job completion index.")
+    master_addr: str | None = Field(None, description="Host of node 0, where torchrun's rendezvous runs (multi-node).")
+    master_port: int = Field(29500, ge=1, le=65535, description="Port of the rendezvous on master_addr (multi-node).")

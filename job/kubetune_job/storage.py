@@ -3,19 +3,29 @@
 The rest of the job speaks in keys relative to a root URI and never learns which backend it has.
 Keys use "/" separators. Listing is always live (no cache), so a restarted pod sees what its
 predecessor committed.
+
+S3 goes through obstore (Rust's object_store): no botocore, whose python-dateutil<3 pin clashes
+with the kubernetes client, and uploads that run outside the GIL with multipart concurrency, so a
+background checkpoint upload costs the training loop almost nothing. Every failure leaves here as
+one of two errors: StorageDenied (credentials, permissions, no such bucket: retrying cannot help)
+or StorageUnavailable (network, timeouts, 5xx after the retries ran out: the pod is retried).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
-from .errors import StorageDenied
+from .errors import StorageDenied, StorageUnavailable
 
 
 @dataclass(frozen=True)
@@ -119,11 +129,234 @@ def _remove_empty_dirs(root: Path) -> None:
             Path(dirpath).rmdir()
 
 
-def open_storage(uri: str) -> Storage:
-    """The backend for a URI: s3:// goes to object storage, anything else is a local path."""
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach S3: the spec's storage block (endpoint, region) wins over the AWS_* environment."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    #: How long one request is retried (throttling, timeouts, 5xx, dropped connections) before giving up.
+    retry_seconds: float = 120.0
+    connect_timeout_seconds: float = 5.0
+    #: Upper bound for one request, one multipart part included.
+    request_timeout_seconds: float = 300.0
+    #: Multipart part size and parts in flight per file; files above one part go multipart.
+    part_bytes: int = 32 << 20
+    parts_in_flight: int = 8
+    #: Files uploaded at once by upload_dir (small files would otherwise wait on round trips).
+    files_in_flight: int = 4
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A resolved s3:// URI: where requests go and under which key prefix."""
+
+    bucket: str
+    prefix: str
+    endpoint: str
+    region: str
+
+
+def resolve_s3(uri: str, options: StorageOptions, env: Mapping[str, str]) -> S3Location:
+    """Bucket, prefix, endpoint and region of an s3:// URI (pure: the environment is passed in)."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    region = options.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    endpoint = (
+        options.endpoint
+        or env.get("AWS_ENDPOINT_URL_S3")
+        or env.get("AWS_ENDPOINT_URL")
+        or env.get("AWS_ENDPOINT")
+        or f"https://s3.{region}.amazonaws.com"
+    )
+    return S3Location(bucket=bucket, prefix=prefix.strip("/"), endpoint=endpoint.rstrip("/"), region=region)
+
+
+Verdict = Literal["denied", "unavailable", "not_found"]
+
+#: S3 error codes that no retry can fix: credentials, permissions, a bucket that is not there.
+_DENIED_CODES = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "AuthorizationHeaderMalformed",
+    "ExpiredToken",
+    "InvalidAccessKeyId",
+    "InvalidBucketName",
+    "InvalidToken",
+    "NoSuchBucket",
+    "NotSignedUp",
+    "SignatureDoesNotMatch",
+    "TokenRefreshRequired",
+}
+
+
+def classify(kind: str, text: str) -> Verdict:
+    """Whether a storage failure is permanent ("denied"), worth a retry ("unavailable") or a missing object.
+
+    kind is the exception's class name; text its message, which carries the HTTP status and the
+    S3 error code when the server answered. A server that answered with 4xx will answer the same
+    again; anything else (no answer, 5xx, throttling after the client's own retries) may pass.
+    """
+    code = re.search(r"<Code>(\w+)</Code>", text)
+    status = re.search(r"status code: (\d{3})", text)
+    if (code and code.group(1) in _DENIED_CODES) or kind in ("PermissionDeniedError", "UnauthenticatedError"):
+        return "denied"
+    if kind == "FileNotFoundError" or (code and code.group(1) == "NoSuchKey"):
+        return "not_found"
+    if status and status.group(1) in ("400", "401", "403", "404", "405"):
+        return "denied"
+    if "credential" in text.lower() and not status:
+        return "denied"  # no usable credentials at all (an empty Secret, no web identity)
+    return "unavailable"
+
+
+def short_reason(text: str) -> str:
+    """The useful part of an object_store error: the S3 code and message, or the first line."""
+    code = re.search(r"<Code>(\w+)</Code>", text)
+    message = re.search(r"<Message>([^<]*)</Message>", text)
+    status = re.search(r"status code: (\d{3})", text)
+    if code:
+        http = f" (HTTP {status.group(1)})" if status else ""
+        return f"{code.group(1)}{http}: {message.group(1) if message else ''}".rstrip(": ")
+    first = text.split("\n", 1)[0]
+    first = re.sub(r"^Generic S3 error: ", "", first)
+    return first[:300]
+
+
+class S3Storage:
+    """Objects under s3://bucket/prefix on any S3-compatible endpoint, through obstore."""
+
+    def __init__(
+        self, uri: str, options: StorageOptions, *, env: Mapping[str, str] | None = None, field: str | None = None
+    ) -> None:
+        from obstore.store import S3Store
+
+        self.uri = uri
+        self.options = options
+        self.field = field
+        env = os.environ if env is None else env
+        self.location = loc = resolve_s3(uri, options, env)
+        # Keys from the environment (in a pod: the Secret spec.storage.credentialsSecret names);
+        # without them obstore falls back to web identity, container or instance credentials.
+        keys = {
+            "access_key_id": env.get("AWS_ACCESS_KEY_ID"),
+            "secret_access_key": env.get("AWS_SECRET_ACCESS_KEY"),
+            "session_token": env.get("AWS_SESSION_TOKEN"),
+        }
+        self._store = S3Store(
+            loc.bucket,
+            prefix=loc.prefix or None,
+            endpoint=loc.endpoint,
+            region=loc.region,
+            **{k: v for k, v in keys.items() if v},  # type: ignore[arg-type]
+            virtual_hosted_style_request=False,
+            client_options={
+                "allow_http": loc.endpoint.startswith("http://"),
+                "connect_timeout": timedelta(seconds=options.connect_timeout_seconds),
+                "timeout": timedelta(seconds=options.request_timeout_seconds),
+            },
+            retry_config={
+                "max_retries": 20,
+                "backoff": {"init_backoff": timedelta(milliseconds=200), "max_backoff": timedelta(seconds=10)},
+                "retry_timeout": timedelta(seconds=options.retry_seconds),
+            },
+        )
+
+    @contextmanager
+    def _errors(self, operation: str, key: str) -> Iterator[None]:
+        """Turn obstore's exceptions into the job's two storage errors, naming what was attempted."""
+        from obstore.exceptions import BaseError
+
+        try:
+            yield
+        except (BaseError, OSError) as e:
+            if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+                raise  # a local file problem, not storage
+            verdict = classify(type(e).__name__, str(e))
+            if verdict == "not_found":
+                raise FileNotFoundError(f"{self.uri}: no object {key!r}") from None
+            loc = self.location
+            what = f"{operation} of s3://{loc.bucket}/{join(loc.prefix, key).strip('/')}"
+            if verdict == "denied":
+                raise StorageDenied(
+                    self.field,
+                    f"access denied to bucket {loc.bucket!r} ({what} at {loc.endpoint}): {short_reason(str(e))}; "
+                    "check the bucket name, the credentials (spec.storage.credentialsSecret) and the bucket policy",
+                ) from None
+            raise StorageUnavailable(
+                self.field,
+                f"S3 endpoint {loc.endpoint} unavailable: {what} still failing after retrying for "
+                f"{self.options.retry_seconds:g} s: {short_reason(str(e))}",
+            ) from None
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        import obstore
+
+        # object_store lists by whole path segments; filter the parent "directory" for partial names.
+        parent = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        with self._errors("list", prefix):
+            pages = obstore.list(self._store, parent or None, chunk_size=1000)
+            out = [ObjectInfo(o["path"], o["size"]) for page in pages for o in page if o["path"].startswith(prefix)]
+        return sorted(out, key=lambda o: o.key)
+
+    def read_bytes(self, key: str) -> bytes:
+        import obstore
+
+        with self._errors("read", key):
+            return bytes(obstore.get(self._store, key).bytes())
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        import obstore
+
+        with self._errors("write", key):
+            obstore.put(self._store, key, data, use_multipart=False)  # one PUT: atomic
+
+    def upload_file(self, local: Path, key: str) -> None:
+        import obstore
+
+        with self._errors("write", key):
+            obstore.put(
+                self._store,
+                key,
+                local,
+                chunk_size=self.options.part_bytes,
+                max_concurrency=self.options.parts_in_flight,
+            )
+
+    def download_file(self, key: str, local: Path) -> None:
+        import obstore
+
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(local.name + ".part")
+        with self._errors("read", key), tmp.open("wb") as f:
+            for chunk in obstore.get(self._store, key).stream(min_chunk_size=8 << 20):
+                f.write(chunk)
+        os.replace(tmp, local)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        import obstore
+
+        keys = list(keys)
+        if keys:
+            with self._errors("delete", keys[0]):
+                obstore.delete(self._store, keys)
+
+
+def open_storage(uri: str, options: StorageOptions | None = None, *, field: str | None = None) -> Storage:
+    """The backend for a URI: s3:// goes to object storage, anything else is a local path.
+
+    field names the spec field the URI came from, in the errors storage raises.
+    """
     if is_remote(uri):
-        raise StorageDenied("storage", f"{uri}: s3:// URIs need the object-storage backend, not in this build")
+        return S3Storage(uri, options or StorageOptions(), field=field)
     return LocalStorage(uri)
+
+
+def check_writable(storage: Storage) -> None:
+    """Write and delete a marker object, so a refused write fails the job now, not after training."""
+    key = ".kubetune-write-check"
+    storage.write_bytes(key, b"ok")
+    storage.delete([key])
 
 
 def sha256_file(path: Path) -> str:
@@ -140,13 +373,26 @@ def walk_files(directory: Path) -> Iterator[tuple[Path, str]]:
         yield path, path.relative_to(directory).as_posix()
 
 
-def upload_dir(storage: Storage, directory: Path, prefix: str) -> list[tuple[str, int, str]]:
-    """Upload every file of directory under prefix; return (key, size, sha256) of each."""
-    done = []
-    for path, rel in walk_files(directory):
-        storage.upload_file(path, join(prefix, rel).lstrip("/"))
-        done.append((rel, path.stat().st_size, sha256_file(path)))
-    return done
+def upload_dir(
+    storage: Storage, directory: Path, prefix: str, *, files_in_flight: int = 4
+) -> list[tuple[str, int, str]]:
+    """Upload every file of directory under prefix; return (relative path, size, sha256) of each.
+
+    Files go up a few at a time, each hashed while it uploads (obstore and hashlib both release
+    the GIL), largest first so a big file never starts last.
+    """
+    files = sorted(walk_files(directory), key=lambda f: -f[0].stat().st_size)
+
+    def one(item: tuple[Path, str]) -> tuple[str, int, str]:
+        path, rel = item
+        with ThreadPoolExecutor(1) as hasher:
+            digest = hasher.submit(sha256_file, path)
+            storage.upload_file(path, join(prefix, rel).lstrip("/"))
+            return rel, path.stat().st_size, digest.result()
+
+    with ThreadPoolExecutor(max(1, files_in_flight)) as pool:
+        done = list(pool.map(one, files))
+    return sorted(done)
 
 
 def download_prefix(storage: Storage, prefix: str, directory: Path) -> None:

@@ -10,20 +10,30 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoints import CheckpointStore, checkpoint_dir
-from .errors import ExitCode, JobError, ModelError
+from .errors import ExitCode, JobError, ModelError, Preempted
 from .settings import JobSettings
 from .spec import FineTuneJobSpec, SpecError
-from .storage import download_prefix, is_remote, local_path, open_storage
+from .storage import StorageOptions, check_writable, download_prefix, is_remote, local_path, open_storage
 from .summary import write as write_summary
+
+if TYPE_CHECKING:
+    from .callbacks import CommitCheckpoints, RunAccount
+    from .preemption import Preemption
+    from .prometheus import JobMetrics
 
 log = logging.getLogger(__name__)
 
 
-def model_source(spec: FineTuneJobSpec, work_dir: Path) -> tuple[str, str, dict[str, Any]]:
-    """(path or Hub id, spec field, from_pretrained keyword arguments) of the base model."""
+def model_source(
+    spec: FineTuneJobSpec, work_dir: Path, *, download: bool = True, options: StorageOptions | None = None
+) -> tuple[str, str, dict[str, Any]]:
+    """(path or Hub id, spec field, from_pretrained keyword arguments) of the base model.
+
+    download=False: another process of this pod has downloaded it into work_dir already.
+    """
     m = spec.model
     if m.id:
         return m.id, "spec.model.id", {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
@@ -31,7 +41,8 @@ def model_source(spec: FineTuneJobSpec, work_dir: Path) -> tuple[str, str, dict[
     hub = {"trust_remote_code": m.trust_remote_code}
     if is_remote(m.uri):
         target = work_dir / "model"
-        download_prefix(open_storage(m.uri), "", target)
+        if download:
+            download_prefix(open_storage(m.uri, options, field="spec.model.uri"), "", target)
         if not any(target.iterdir()):
             raise ModelError("spec.model.uri", f"no files under {m.uri}")
         return str(target), "spec.model.uri", hub
@@ -42,7 +53,9 @@ def model_source(spec: FineTuneJobSpec, work_dir: Path) -> tuple[str, str, dict[
     return str(path), "spec.model.uri", hub
 
 
-def dataset_splits(spec: FineTuneJobSpec, work_dir: Path) -> Any:
+def dataset_splits(
+    spec: FineTuneJobSpec, work_dir: Path, *, download: bool = True, options: StorageOptions | None = None
+) -> Any:
     from .data import load_hub, load_local
 
     ds = spec.dataset
@@ -51,7 +64,8 @@ def dataset_splits(spec: FineTuneJobSpec, work_dir: Path) -> Any:
     assert ds.uri is not None
     if is_remote(ds.uri):
         target = work_dir / "data"
-        download_prefix(open_storage(ds.uri), "", target)
+        if download:
+            download_prefix(open_storage(ds.uri, options, field="spec.dataset.uri"), "", target)
         return load_local(target, ds)
     return load_local(local_path(ds.uri), ds)
 
@@ -80,19 +94,55 @@ def last_eval(history: list[dict[str, Any]], step: int) -> dict[str, float] | No
     return None
 
 
+def storage_options(spec: FineTuneJobSpec, settings: JobSettings) -> StorageOptions:
+    """How to reach s3:// URIs: the spec's storage block over the AWS_* environment."""
+    return StorageOptions(
+        endpoint=spec.storage.endpoint, region=spec.storage.region, retry_seconds=settings.storage_retry_seconds
+    )
+
+
+def progress(
+    trainer: Any, account: RunAccount, commit: CommitCheckpoints, resumed: int | None, warnings: list[str]
+) -> dict[str, Any]:
+    """Where training stands, for the summary of a finished or a preempted run."""
+    return {
+        "finalStep": trainer.state.global_step,
+        "totalSteps": trainer.state.max_steps,
+        "epoch": round(float(trainer.state.epoch or 0), 4),
+        "resumedFromStep": resumed or 0,
+        "stepsThisRun": account.steps,
+        "samplesThisRun": account.samples,
+        "lastCheckpointStep": commit.last_committed or resumed,
+        "checkpointWaitSeconds": round(commit.upload_wait_seconds, 3),
+        "checkpointUploadSeconds": round(commit.upload_seconds, 3),
+        "warnings": warnings,
+    }
+
+
 def run(
-    spec: FineTuneJobSpec, settings: JobSettings, *, callbacks: Sequence[Any] = (), console_logs: bool = True
+    spec: FineTuneJobSpec,
+    settings: JobSettings,
+    *,
+    callbacks: Sequence[Any] = (),
+    console_logs: bool = True,
+    job_metrics: JobMetrics | None = None,
+    preemption: Preemption | None = None,
 ) -> dict[str, Any]:
     """Fine-tune as the spec says; return the summary of a successful run.
 
+    preemption: the SIGTERM handler execute() installed; without one, SIGTERM is not handled.
+
     console_logs=False drops the Trainer's printed log dicts (a terminal shows its own progress).
+    job_metrics, when given, is fed by a callback (execute() starts it and pushes the outcome).
     """
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, set_seed
 
     from .callbacks import CommitCheckpoints, RunAccount
+    from .distributed import SaveBarrier, from_main, is_local_main, is_main, local_main_first
     from .output import model_card, save
+    from .preemption import Preemption
     from .tasks import TASKS
-    from .training import metric_function, training_arguments
+    from .training import global_batch, metric_function, pad_multiple, training_arguments
 
     work = settings.work_dir
     staging = work / "trainer"
@@ -102,53 +152,80 @@ def run(
     output_uri = spec.output.uri or str(work / "output")
     if not spec.checkpoints.uri:
         log.warning("no checkpoints.uri: checkpoints stay in %s and do not outlive this machine", checkpoints_uri)
+    preemption = preemption or Preemption(settings.preemption_grace_seconds)
+    opts = storage_options(spec, settings)
+    checkpoint_storage = open_storage(checkpoints_uri, opts, field="spec.checkpoints.uri")
+    store = CheckpointStore(checkpoint_storage, keep=spec.checkpoints.keep)
+    output = open_storage(output_uri, opts, field="spec.output.uri")
+    if is_main():  # a refused write fails the job now, not after training
+        check_writable(checkpoint_storage)
+        check_writable(output)
 
     task = TASKS[spec.task]
-    source, field, hub = model_source(spec, work)
-    tokenizer = task.load_tokenizer(source, field, **hub)
-    data, labels = task.prepare(dataset_splits(spec, work), tokenizer, spec.dataset, work / "cache")
-    model = task.load_model(source, labels, field, **hub)
+    hp = spec.hyperparameters
+    with local_main_first():  # one download and one tokenization per pod, however many processes
+        source, field, hub = model_source(spec, work, download=is_local_main(), options=opts)
+        tokenizer = task.load_tokenizer(source, field, **hub)
+        splits = dataset_splits(spec, work, download=is_local_main(), options=opts)
+        data, labels = task.prepare(splits, tokenizer, spec.dataset, work / "cache")
+    set_seed(hp.seed)  # a new classification head is initialised at load: part of what the seed fixes
+    model = task.load_model(source, labels, field, attention=hp.attention, **hub)
+    log.info(
+        "global batch %d: batchSize %d x %d processes x %d accumulation steps",
+        global_batch(hp, processes=args.world_size), hp.batch_size, args.world_size, hp.gradient_accumulation_steps,
+    )  # fmt: skip
 
-    store = CheckpointStore(open_storage(checkpoints_uri), keep=spec.checkpoints.keep)
-    resumed = store.fetch_latest(staging)
+    resumed = from_main(store.resume(staging) if is_main() else None)  # rank 0 fetches, all resume
     if resumed is not None:
         log.info("resuming from checkpoint-%d of %s", resumed, checkpoints_uri)
     account = RunAccount()
-    commit = CommitCheckpoints(store)
+    commit = CommitCheckpoints(store, spool=work / "uploading", deadline=preemption.deadline)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=data["train"],
         eval_dataset=data["eval"] if has_eval else None,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=DataCollatorWithPadding(
+            tokenizer, pad_to_multiple_of=pad_multiple(hp, cuda=args.device.type == "cuda")
+        ),
         compute_metrics=metric_function(list(spec.metrics), len(labels), task.predictions) if has_eval else None,
-        callbacks=[commit, account, *callbacks],
+        callbacks=[
+            SaveBarrier(),
+            commit,
+            account,
+            preemption,
+            *([job_metrics.callback(commit)] if job_metrics else []),
+            *callbacks,
+        ],
     )
     if not console_logs:
         trainer.remove_callback(PrinterCallback)
-    result = trainer.train(resume_from_checkpoint=str(staging / checkpoint_dir(resumed)) if resumed else None)
+    try:
+        with preemption.deferred():  # SIGTERM: save, commit, stop (the last upload is waited for at train end)
+            result = trainer.train(resume_from_checkpoint=str(staging / checkpoint_dir(resumed)) if resumed else None)
+    except Preempted as e:
+        e.details = progress(trainer, account, commit, resumed, store.warnings)
+        raise
+    if preemption.requested:
+        stopped = Preempted(None, f"stopped by SIGTERM; checkpoint-{commit.last_committed} committed")
+        stopped.details = progress(trainer, account, commit, resumed, store.warnings)
+        raise stopped
     step = trainer.state.global_step
     evaluation = (last_eval(trainer.state.log_history, step) or trainer.evaluate()) if has_eval else {}
     metrics = camel_metrics(scores({"train_loss": result.training_loss, **evaluation}))
 
     summary: dict[str, Any] = {
         "phase": "Succeeded",
-        "finalStep": step,
-        "totalSteps": trainer.state.max_steps,
-        "epoch": round(float(trainer.state.epoch or 0), 4),
-        "resumedFromStep": resumed or 0,
-        "stepsThisRun": account.steps,
+        **progress(trainer, account, commit, resumed, store.warnings),
         "metrics": metrics,
         "trainSamplesPerSecond": round(float(result.metrics.get("train_samples_per_second", 0.0)), 3),
-        "lastCheckpointStep": commit.last_committed or resumed,
         "outputUri": output_uri,
         "labels": labels,
-        "warnings": store.warnings,
     }
     if trainer.is_world_process_zero():
         card = model_card(name=settings.name, spec=spec, labels=labels, metrics=metrics, steps=step)
-        save(trainer, tokenizer, open_storage(output_uri), card=card, metrics={**summary, "warnings": None})
+        save(trainer, tokenizer, output, card=card, metrics={**summary, "warnings": None})
     return summary
 
 
@@ -176,8 +253,10 @@ def load_spec(settings: JobSettings) -> FineTuneJobSpec:
     raise SpecError("environment", ["set KUBETUNE_SPEC (JSON) or KUBETUNE_SPEC_FILE (a path)"])
 
 
-def failure(code: ExitCode, reason: str, message: str, field: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"phase": "Failed", "exitCode": int(code), "reason": reason, "message": message}
+def failure(
+    code: ExitCode, reason: str, message: str, field: str | None = None, phase: str = "Failed"
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"phase": phase, "exitCode": int(code), "reason": reason, "message": message}
     if field:
         out["field"] = field
     return out
@@ -190,9 +269,29 @@ def execute(
     callbacks: Sequence[Any] = (),
     console_logs: bool = True,
 ) -> int:
-    """Run the job to an exit code, writing the summary whatever happens."""
+    """Run the job to an exit code, writing the summary whatever happens (and pushing it as metrics)."""
+    from .distributed import is_main
+
+    main = is_main()  # under torchrun, rank 0 alone pushes metrics and writes the summary
+    metrics = None
+    if settings.pushgateway_url and main:
+        from .prometheus import start as start_metrics
+
+        metrics = start_metrics(settings)
+    from .preemption import Preemption
+
+    preemption = Preemption(settings.preemption_grace_seconds)
     try:
-        summary = run(spec or load_spec(settings), settings, callbacks=callbacks, console_logs=console_logs)
+        with preemption.installed():
+            job_spec = spec or load_spec(settings)
+            summary = run(
+                job_spec,
+                settings,
+                callbacks=callbacks,
+                console_logs=console_logs,
+                job_metrics=metrics,
+                preemption=preemption,
+            )
         code = ExitCode.SUCCEEDED
     except SpecError as e:
         summary, code = (
@@ -200,11 +299,16 @@ def execute(
             ExitCode.INVALID_CONFIG,
         )
     except JobError as e:
-        summary, code = failure(e.code, e.reason, e.message, e.field), e.code
+        summary, code = {**failure(e.code, e.reason, e.message, e.field, e.phase), **e.details}, e.code
     except Exception as e:  # unexpected: retried by the Job's backoffLimit
         log.exception("the job failed")
         summary, code = failure(ExitCode.RETRYABLE, "Error", f"{type(e).__name__}: {e}"), ExitCode.RETRYABLE
     if code != ExitCode.SUCCEEDED:
         log.error("%s: %s", summary["reason"], summary["message"])
-    write_summary(settings.summary_path, summary)
+    if metrics is not None:
+        summary["metricsPushFailures"] = metrics.failures
+    if main:
+        write_summary(settings.summary_path, summary)
+    if metrics is not None:  # after the summary: a hung gateway must not eat a preempted pod's grace period
+        metrics.finish(summary)
     return int(code)

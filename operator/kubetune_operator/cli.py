@@ -40,11 +40,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _crd(args: argparse.Namespace) -> int:
+    import json
+
     import yaml
 
     from kubetune_operator.crd import crd
 
-    print(yaml.safe_dump(crd(), sort_keys=False), end="")
+    if args.output == "json":
+        print(json.dumps(crd(), indent=2))
+    else:
+        print(yaml.safe_dump(crd(), sort_keys=False), end="")
     return 0
 
 
@@ -67,6 +72,20 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _docs(args: argparse.Namespace) -> int:
+    from kubetune_operator import docs
+    from kubetune_operator.crd import crd
+
+    if args.what == "api":
+        print(docs.api_markdown(crd()), end="")
+        return 0
+    if not (args.chart / "values.schema.json").is_file():
+        print(f"{args.chart}: no values.schema.json; pass the chart's directory with --chart", file=sys.stderr)
+        return 2
+    print(docs.chart_values_markdown(args.chart), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kubetune", description="Fine-tune Hugging Face models from FineTuneJob manifests."
@@ -86,12 +105,18 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_run)
 
     c = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    c.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     c.set_defaults(func=_crd)
 
     d = sub.add_parser("render", help="print the objects the operator would create (settings from KUBETUNE_OPERATOR_*)")
     d.add_argument("file", type=Path)
     d.add_argument("-n", "--namespace", default=None, help="namespace (default: the manifest's, else default)")
     d.set_defaults(func=_render)
+
+    g = sub.add_parser("docs", help="print docs/api.md (from the CRD) or docs/values.md (from the chart)")
+    g.add_argument("what", choices=["api", "values"])
+    g.add_argument("--chart", type=Path, default=Path("charts/kubetune"), help="the chart (default charts/kubetune)")
+    g.set_defaults(func=_docs)
     return p
 
 

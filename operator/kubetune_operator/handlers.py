@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
+from kubernetes.config import incluster_config
 
 from kubetune_job.spec import FineTuneJobSpec, SpecError, parse_spec
 
@@ -102,15 +104,43 @@ class Cluster:
 _cluster: Cluster | None = None
 
 
+def api_configuration() -> k8s.Configuration:
+    """In a pod: the mounted ServiceAccount token; elsewhere: the kubeconfig (KUBECONFIG)."""
+    config = k8s.Configuration()
+    account = SETTINGS.service_account_dir
+    if (account / "token").is_file() and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        loader = incluster_config.InClusterConfigLoader(
+            token_filename=str(account / "token"), cert_filename=str(account / "ca.crt")
+        )
+        loader.load_and_set(config)
+    else:
+        k8s_config.load_kube_config(client_configuration=config)
+    return config
+
+
 def cluster() -> Cluster:
     global _cluster
     if _cluster is None:
-        try:
-            k8s_config.load_incluster_config()
-        except k8s_config.ConfigException:
-            k8s_config.load_kube_config()
-        _cluster = Cluster(k8s.ApiClient())
+        _cluster = Cluster(k8s.ApiClient(api_configuration()))
     return _cluster
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo:
+    """kopf connects with the same credentials as the operator's own client."""
+    config = api_configuration()
+    header = (config.get_api_key_with_prefix("BearerToken", alias="authorization") or "").strip()
+    scheme, _, rest = header.partition(" ")
+    token = rest if scheme.lower() == "bearer" else header
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        scheme="Bearer" if token else None,
+        token=token or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+    )
 
 
 @kopf.on.startup()
@@ -234,7 +264,7 @@ def pod_changed(body: Any, namespace: str, **_: Any) -> None:
         refresh(namespace, name, event_pod=plain(body))
 
 
-@kopf.timer(*FTJ, interval=15, initial_delay=5)
+@kopf.timer(*FTJ, interval=SETTINGS.progress_interval_seconds, initial_delay=5)
 def tick(body: Any, namespace: str, name: str, **_: Any) -> None:
     """Progress from the Pushgateway while running; the job's metrics group removed after it ended."""
     status = plain(body.get("status") or {})

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from typing import Any
 
-from kubetune_job.pushgateway import group_url
+from kubetune_job import pushgateway
 
 log = logging.getLogger(__name__)
 TIMEOUT = 3.0
@@ -28,13 +28,34 @@ PROGRESS = {
 }
 
 
-def _value(metric: dict[str, Any]) -> float | None:
+def _values(metric: dict[str, Any]) -> list[tuple[dict[str, str], float]]:
+    out = []
     for m in metric.get("metrics") or ():
         try:
-            return float(m.get("value"))
+            out.append((m.get("labels") or {}, float(m.get("value"))))
         except (TypeError, ValueError):
             continue
-    return None
+    return out
+
+
+def _value(metric: dict[str, Any]) -> float | None:
+    values = _values(metric)
+    return values[0][1] if values else None
+
+
+def _camel(name: str) -> str:
+    return "".join(p.upper() if p == "f1" else p.capitalize() for p in name.split("_"))
+
+
+def live_metrics(group: dict[str, Any]) -> dict[str, float]:
+    """trainLoss and eval<Metric> as the job last pushed them (status.metrics while it runs)."""
+    out = {}
+    if (loss := _value(group.get("kubetune_train_loss") or {})) is not None:
+        out["trainLoss"] = round(loss, 6)
+    for labels, value in _values(group.get("kubetune_eval_metric") or {}):
+        if name := labels.get("metric"):
+            out["eval" + _camel(name)] = round(value, 6)
+    return out
 
 
 def parse_groups(groups: list[dict[str, Any]], namespace: str, name: str) -> dict[str, Any] | None:
@@ -55,8 +76,18 @@ def parse_groups(groups: list[dict[str, Any]], namespace: str, name: str) -> dic
             progress["percent"] = int(100 * progress.get("step", 0) // progress["totalSteps"])
         if "etaSeconds" in progress:
             progress["etaSeconds"] = int(progress["etaSeconds"])
+        if metrics := live_metrics(group):
+            progress["metrics"] = metrics
+        step = _value(group.get("kubetune_checkpoint_step") or {})
+        if step:
+            when = _value(group.get("kubetune_checkpoint_timestamp_seconds") or {})
+            progress["lastCheckpoint"] = {"step": int(step), **({"time": _stamp(when)} if when else {})}
         return progress or None
     return None
+
+
+def _stamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def read_progress(url: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -69,8 +100,7 @@ def read_progress(url: str, namespace: str, name: str) -> dict[str, Any] | None:
 
 
 def delete_group(url: str, namespace: str, name: str) -> None:
-    request = urllib.request.Request(group_url(url, namespace, name), method="DELETE")
     try:
-        urllib.request.urlopen(request, timeout=TIMEOUT).close()
-    except (OSError, urllib.error.HTTPError) as e:
+        pushgateway.delete_group(url, namespace, name, timeout=TIMEOUT)
+    except OSError as e:
         log.warning("cannot delete the metrics group of %s/%s: %s", namespace, name, e)

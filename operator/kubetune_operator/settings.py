@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -29,6 +31,9 @@ class OperatorSettings(BaseSettings):
     pushgateway_group_ttl_seconds: int = Field(
         3600, ge=0, description="Delete a job's Pushgateway group this long after it ended."
     )
+    progress_interval_seconds: float = Field(
+        15, gt=0, description="How often a running job's progress is read from the Pushgateway."
+    )
     namespaces: list[str] = Field([], description="Namespaces to watch; empty for all (JSON list).")
     metrics_port: int = Field(8080, description="Port of the operator's own /metrics.")
     termination_grace_seconds: int = Field(
@@ -36,3 +41,7 @@ class OperatorSettings(BaseSettings):
     )
     run_as_user: int = Field(1000, description="UID the job's pods run as (the job image's user).")
     master_port: int = Field(29500, description="torchrun rendezvous port for multi-node jobs.")
+    service_account_dir: Path = Field(
+        Path("/var/run/secrets/kubernetes.io/serviceaccount"),
+        description="Where the pod's ServiceAccount token and CA are mounted (in a cluster).",
+    )

@@ -182,12 +182,16 @@ def derive(
     if restarts:
         status["lastRestartReason"] = seen[-2 if phase == "Failed" and len(seen) > 1 else -1]["reason"]
     final = next((s for p in reversed(ordered) if (s := summary_of(p))), None)
+    progress = dict(progress or {})
+    live = progress.pop("metrics", None)
+    if checkpoint := progress.pop("lastCheckpoint", None) or previous.get("lastCheckpoint"):
+        status["lastCheckpoint"] = checkpoint
     if progress:
         status["progress"] = progress
     if final:
         status |= from_summary(final, metrics, phase)
-    elif progress and progress.get("metrics"):
-        status |= metric_fields(progress.pop("metrics"), metrics)
+    elif live:
+        status |= metric_fields(live, metrics)
     return status
 
 

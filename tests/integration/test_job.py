@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests import jobrun
 from tests.models import build_tiny_bert, write_pairs
 
 pytestmark = pytest.mark.integration
@@ -27,40 +26,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def manifest(tiny: dict[str, Path], work: Path, **hyper: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "tiny"},
-        "spec": {
-            "model": {"uri": str(tiny["model"])},
-            "dataset": {"uri": str(tiny["data"]), "maxLength": 32},
-            "hyperparameters": {"epochs": 2, "batchSize": 8, "learningRate": 1e-3, **hyper},
-            "metrics": ["accuracy", "f1", "matthews_correlation"],
-            "checkpoints": {"uri": str(work / "checkpoints"), "every": 20, "keep": 2},
-            "output": {"uri": str(work / "output")},
-        },
-    }
-
-
-def job_process(spec_file: Path, work: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "KUBETUNE_SPEC_FILE": str(spec_file),
-        "KUBETUNE_WORK_DIR": str(work / "scratch"),
-        "KUBETUNE_SUMMARY_PATH": str(work / "summary.json"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    log = (work / "job.log").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "kubetune_job"], env=env, stdout=log, stderr=log)
+    return jobrun.manifest(
+        model=str(tiny["model"]),
+        data=str(tiny["data"]),
+        checkpoints=str(work / "checkpoints"),
+        output=str(work / "output"),
+        metrics=("accuracy", "f1", "matthews_correlation"),
+        **hyper,
+    )
 
 
 def run_job(tiny: dict[str, Path], work: Path, **hyper: Any) -> dict[str, Any]:
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "job.yaml").write_text(yaml.safe_dump(manifest(tiny, work, **hyper)))
-    code = job_process(work / "job.yaml", work).wait(timeout=600)
-    summary = json.loads((work / "summary.json").read_text())
-    assert code == 0, (work / "job.log").read_text()[-3000:]
-    return summary
+    return jobrun.run_job(manifest(tiny, work, **hyper), work)
 
 
 def test_tiny_model_fine_tunes_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -80,14 +57,9 @@ def test_tiny_model_fine_tunes_end_to_end(tiny: dict[str, Path], tmp_path: Path)
 def test_resume_after_sigkill_repeats_no_step(tiny: dict[str, Path], tmp_path: Path) -> None:
     """A run killed after its first commit resumes from it and ends at the uninterrupted final step."""
     work = tmp_path / "killed"
-    work.mkdir()
-    (work / "job.yaml").write_text(yaml.safe_dump(manifest(tiny, work)))
-    proc = job_process(work / "job.yaml", work)
+    proc = jobrun.start(manifest(tiny, work), work)
     first = work / "checkpoints" / "checkpoint-20" / "kubetune-manifest.json"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert first.exists() and proc.poll() is None, "the job ended before its first checkpoint was committed"
+    jobrun.wait_for(first.exists, proc, work, what="the first committed checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 

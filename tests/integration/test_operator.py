@@ -25,13 +25,13 @@ pytestmark = pytest.mark.integration
 class Operator:
     """The operator process, restartable by a test."""
 
-    def __init__(self, kubeconfig: Path, workdir: Path) -> None:
-        self.kubeconfig, self.workdir = kubeconfig, workdir
+    def __init__(self, kubeconfig: Path, workdir: Path, **settings: str) -> None:
+        self.kubeconfig, self.workdir, self.settings = kubeconfig, workdir, settings
         self._ctx: Any = None
         self.info: dict[str, Any] = {}
 
     def start(self) -> None:
-        self._ctx = operator_process(self.kubeconfig, self.workdir, allowed_image_prefixes='["registry.test/"]')
+        self._ctx = operator_process(self.kubeconfig, self.workdir, **self.settings)
         self.info = self._ctx.__enter__()
 
     def stop(self) -> None:
@@ -52,9 +52,15 @@ def assets() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def operator(control_plane: Any, kubelet: Any, testbed_dir: Path) -> Iterator[Operator]:
+def operator(control_plane: Any, kubelet: Any, pushgateway: Any, testbed_dir: Path) -> Iterator[Operator]:
     install_crd(control_plane)
-    op = Operator(operator_account(control_plane, testbed_dir), testbed_dir / "operator")
+    settings = {
+        "allowed_image_prefixes": '["registry.test/"]',
+        "pushgateway_url": pushgateway.url,
+        "progress_interval_seconds": "2",
+        "pushgateway_group_ttl_seconds": "3600",
+    }
+    op = Operator(operator_account(control_plane, testbed_dir), testbed_dir / "operator", **settings)
     op.start()
     yield op
     op.stop()
@@ -139,6 +145,10 @@ def test_preempted_pod_resumes_without_using_a_retry(
     """A preempted pod is replaced; the new one resumes from the committed checkpoint; no retry is used."""
     doc = run("preempted", hyperparameters={"epochs": 3}, runPolicy={"maxRetries": 0})
     wait_for("a committed checkpoint", lambda: committed(doc), timeout=180, every=0.1)
+    live = wait_for(
+        "progress from the Pushgateway", lambda: status(control_plane, namespace, "preempted").get("progress")
+    )
+    assert 0 < live["step"] < live["totalSteps"] == 300 and "etaSeconds" in live
     first = pods(control_plane, namespace, "preempted")[0]["metadata"]["name"]
     kubelet.preempt(namespace, first, grace=5)
     st = wait_phase(control_plane, namespace, "preempted", "Succeeded", timeout=300)
@@ -219,13 +229,18 @@ def test_suspend_then_resume_continues_from_the_checkpoint(control_plane: Any, r
     assert summary["resumedFromStep"] >= 20 and summary["finalStep"] == 300
 
 
-def test_delete_cascades_to_job_and_pods(control_plane: Any, run: Any, namespace: str) -> None:
-    """Deleting the FineTuneJob removes its Job and pods through ownerReferences."""
+def test_delete_cascades_to_job_pods_and_metrics(
+    control_plane: Any, run: Any, namespace: str, pushgateway: Any
+) -> None:
+    """Deleting the FineTuneJob removes its Job and pods (ownerReferences) and its Pushgateway group."""
     run("doomed", hyperparameters={"epochs": 3})
     wait_phase(control_plane, namespace, "doomed", "Running", timeout=120)
+    group = f'finetunejob="doomed",job="kubetune",namespace="{namespace}"'
+    wait_for("the job's metrics on the gateway", lambda: group in pushgateway.metrics_text(), timeout=120)
     kubectl(control_plane, "delete", "ftj", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
     wait_for("the Job gone", lambda: get(control_plane, "job", "doomed", namespace) is None, timeout=60)
     wait_for("the pods gone", lambda: not pods(control_plane, namespace, "doomed"), timeout=90)
+    wait_for("the metrics group gone", lambda: group not in pushgateway.metrics_text(), timeout=30)
 
 
 def test_restarted_operator_creates_exactly_one_job(

@@ -39,6 +39,7 @@ class Image:
 
 IMAGES: tuple[Image, ...] = (
     Image("*kubetune-job", (PYTHON, "-m", "kubetune_job"), (), "the project's training image"),
+    Image("*kubetune-operator", (PYTHON, "-m", "kubetune_operator"), (), "the project's operator image"),
     Image("*/job", (PYTHON, "-m", "kubetune_job"), (), "the training image under a short name (registry/kubetune/job)"),
     Image("python", (), ("python3",), "the official Python image"),
     Image("*/python", (), ("python3",), "the official Python image with a registry prefix"),

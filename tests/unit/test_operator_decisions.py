@@ -186,3 +186,27 @@ def test_succeeded_status_takes_metrics_from_the_summary() -> None:
     st = derive(job=job, pods=[done], metrics=["accuracy", "f1"], generation=2, previous={}, now=NOW)
     assert st["phase"] == "Succeeded" and st["eval"] == "accuracy=0.9000" and st["outputUri"] == "s3://b/m/"
     assert st["progress"]["percent"] == 100 and st["observedGeneration"] == 2
+
+
+def test_progress_is_read_from_the_jobs_pushgateway_group() -> None:
+    """The group with the FineTuneJob's key gives step, total, percent, ETA, live metrics and checkpoint."""
+    from kubetune_operator.progress import parse_groups
+
+    def gauge(value: float, **labels: str) -> dict[str, Any]:
+        return {"type": "GAUGE", "metrics": [{"labels": labels, "value": str(value)}]}
+
+    group = {
+        "labels": {"job": "kubetune", "namespace": "ml", "finetunejob": "bert"},
+        "kubetune_train_global_step": gauge(459),
+        "kubetune_train_total_steps": gauge(1377),
+        "kubetune_train_eta_seconds": gauge(140.4),
+        "kubetune_train_loss": gauge(0.33),
+        "kubetune_eval_metric": gauge(0.855, metric="accuracy"),
+        "kubetune_checkpoint_step": gauge(459),
+    }
+    other = {**group, "labels": {"job": "kubetune", "namespace": "ml", "finetunejob": "other"}}
+    got = parse_groups([other, group], "ml", "bert")
+    assert got is not None
+    assert (got["step"], got["totalSteps"], got["percent"], got["etaSeconds"]) == (459, 1377, 33, 140)
+    assert got["metrics"] == {"trainLoss": 0.33, "evalAccuracy": 0.855} and got["lastCheckpoint"] == {"step": 459}
+    assert parse_groups([other], "ml", "bert") is None

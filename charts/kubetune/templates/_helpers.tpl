@@ -1,0 +1,49 @@
+{{- define "kubetune.name" -}}kubetune{{- end -}}
+
+{{- define "kubetune.fullname" -}}
+{{- if contains "kubetune" .Release.Name -}}{{ .Release.Name | trunc 63 | trimSuffix "-" }}{{- else -}}{{ printf "%s-kubetune" .Release.Name | trunc 63 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+
+{{- define "kubetune.labels" -}}
+app.kubernetes.io/name: kubetune
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "kubetune.selector" -}}
+app.kubernetes.io/name: kubetune
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "kubetune.pushgatewayUrl" -}}
+{{- if .Values.metrics.pushgateway.deploy -}}
+http://{{ include "kubetune.fullname" . }}-pushgateway.{{ .Release.Namespace }}.svc:9091
+{{- else -}}
+{{ .Values.metrics.pushgateway.url }}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator's RBAC rules: operator/kubetune_operator/rbac.py, kept equal by a test. */}}
+{{- define "kubetune.rules" -}}
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create", "get", "list", "watch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
