@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from kubetune_operator.crd import crd
 from kubetune_operator.rbac import RULES
 from tests.testbed import binaries, processes
 from tests.testbed.cluster import Credentials, write_kubeconfig
+from tests.testbed.waits import eventually
 
 T = TypeVar("T")
 JOB_IMAGE = "registry.test/kubetune/kubetune-job:dev"
@@ -42,13 +42,8 @@ def get(plane: Any, kind: str, name: str, namespace: str) -> dict[str, Any] | No
 
 
 def wait_for(what: str, probe: Callable[[], T | None], *, timeout: float = 120.0, every: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    """Poll ``probe`` until it returns something truthy (the test bed's ``eventually``, what first)."""
+    return eventually(probe, timeout=timeout, interval=every, what=what)
 
 
 def install_crd(plane: Any) -> None:

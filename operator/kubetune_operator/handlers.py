@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -288,3 +289,13 @@ def deleted(namespace: str, name: str, **_: Any) -> None:
     observability.forget(namespace, name)
     if SETTINGS.pushgateway_url:
         delete_group(SETTINGS.pushgateway_url, namespace, name)
+        # A pod stopping now pushes its outcome on the way out: remove the group again once the pods are gone.
+        threading.Thread(target=_delete_group_after_pods, args=(namespace, name), daemon=True).start()
+
+
+def _delete_group_after_pods(namespace: str, name: str) -> None:
+    deadline = time.monotonic() + SETTINGS.termination_grace_seconds + 30
+    while cluster().pods(namespace, name) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert SETTINGS.pushgateway_url
+    delete_group(SETTINGS.pushgateway_url, namespace, name)

@@ -154,10 +154,11 @@ def test_offline_examples_run_to_succeeded(control_plane: Any, release: Any, s3:
         stored = {o["path"] for batch in obstore.list(s3.store(BUCKET), prefix=f"models/ml/{name}/") for o in batch}
         assert f"models/ml/{name}/model.safetensors" in stored and f"models/ml/{name}/metrics.json" in stored
         wait_for(
-            "the metrics group removed after its TTL",
-            lambda n=name: f'finetunejob="{n}"' not in pushgateway.metrics_text(),
-            timeout=90,
+            "the operator to remove the metrics group after its TTL",
+            lambda n=name: (get(control_plane, "ftj", n, "ml") or {}).get("status", {}).get("metricsDeleted"),
+            timeout=120,
         )
+        assert f'finetunejob="{name}"' not in pushgateway.metrics_text()
 
 
 def test_upgrade_with_changed_values_rolls_the_operator(control_plane: Any, release: Any) -> None:

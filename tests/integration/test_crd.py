@@ -11,18 +11,13 @@ import pytest
 
 from tests.kube import apply as kube_apply
 from tests.kube import install_crd, kubectl
+from tests.unit.test_spec import GOOD as SPEC_GOOD
 
 pytestmark = pytest.mark.integration
 
 GOOD: dict[str, Any] = {
-    "apiVersion": "kubetune.io/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "bert-mrpc"},
-    "spec": {
-        "model": {"id": "bert-base-cased"},
-        "dataset": {"id": "nyu-mll/glue", "config": "mrpc"},
-        "storage": {"endpoint": "http://seaweedfs.storage:8333"},
-    },
+    **SPEC_GOOD,
+    "spec": {**SPEC_GOOD["spec"], "storage": {"endpoint": "http://seaweedfs.storage:8333"}},
 }
 
 

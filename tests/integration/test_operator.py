@@ -146,7 +146,8 @@ def test_preempted_pod_resumes_without_using_a_retry(
     doc = run("preempted", hyperparameters={"epochs": 3}, runPolicy={"maxRetries": 0})
     wait_for("a committed checkpoint", lambda: committed(doc), timeout=180, every=0.1)
     live = wait_for(
-        "progress from the Pushgateway", lambda: status(control_plane, namespace, "preempted").get("progress")
+        "progress from the Pushgateway",
+        lambda: (p := status(control_plane, namespace, "preempted").get("progress") or {}).get("step") and p,
     )
     assert 0 < live["step"] < live["totalSteps"] == 300 and "etaSeconds" in live
     first = pods(control_plane, namespace, "preempted")[0]["metadata"]["name"]
@@ -235,12 +236,18 @@ def test_delete_cascades_to_job_pods_and_metrics(
     """Deleting the FineTuneJob removes its Job and pods (ownerReferences) and its Pushgateway group."""
     run("doomed", hyperparameters={"epochs": 3})
     wait_phase(control_plane, namespace, "doomed", "Running", timeout=120)
-    group = f'finetunejob="doomed",job="kubetune",namespace="{namespace}"'
-    wait_for("the job's metrics on the gateway", lambda: group in pushgateway.metrics_text(), timeout=120)
+
+    def pushed() -> bool:
+        return any(
+            'finetunejob="doomed"' in line and f'namespace="{namespace}"' in line
+            for line in pushgateway.metrics_text().splitlines()
+        )
+
+    wait_for("the job's metrics on the gateway", pushed, timeout=120)
     kubectl(control_plane, "delete", "ftj", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
     wait_for("the Job gone", lambda: get(control_plane, "job", "doomed", namespace) is None, timeout=60)
     wait_for("the pods gone", lambda: not pods(control_plane, namespace, "doomed"), timeout=90)
-    wait_for("the metrics group gone", lambda: group not in pushgateway.metrics_text(), timeout=30)
+    wait_for("the metrics group gone", lambda: not pushed(), timeout=30)
 
 
 def test_restarted_operator_creates_exactly_one_job(
