@@ -80,8 +80,9 @@ class Cluster:
         listing = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
         return list(self._raw(listing)["items"])
 
-    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Create a child; if it exists already (a replay, a restart), return the existing one."""
+    def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create a child; if it exists already (a replay, a restart), return the existing one, and
+        whether it was created now."""
         namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         create, read = (
             (self.batch.create_namespaced_job, self.batch.read_namespaced_job)
@@ -89,11 +90,11 @@ class Cluster:
             else (self.core.create_namespaced_service, self.core.read_namespaced_service)
         )
         try:
-            return self._raw(create(namespace, obj, _preload_content=False))
+            return self._raw(create(namespace, obj, _preload_content=False)), True
         except ApiException as e:
             if e.status != 409:
                 raise
-        return self._raw(read(name, namespace, _preload_content=False))
+        return self._raw(read(name, namespace, _preload_content=False)), False
 
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
@@ -187,8 +188,10 @@ def reconcile(body: Any, **_: Any) -> None:
         observability.reconciled("invalid", started)
         return
     api = cluster()
+    created_job = False
     for obj in objects:
-        existing = api.create(obj)
+        existing, created = api.create(obj)
+        created_job |= created and obj["kind"] == "Job"
         refs = existing["metadata"].get("ownerReferences") or []
         if not any(r.get("uid") == owner.uid for r in refs):
             message = f"a {obj['kind']} named {obj['metadata']['name']} exists and does not belong to this FineTuneJob"
@@ -201,12 +204,18 @@ def reconcile(body: Any, **_: Any) -> None:
             suspend = desired_suspend(spec, bool(existing.get("spec", {}).get("suspend")))
             if suspend is not None:
                 api.suspend_job(owner.namespace, owner.name, suspend)
-    refresh(owner.namespace, owner.name)
+    if not created_job:  # a new Job's own ADDED event writes the status: no second round of reads
+        refresh(owner.namespace, owner.name)
     observability.reconciled("ok", started)
 
 
 def refresh(
-    namespace: str, name: str, *, with_progress: bool = False, event_pod: dict[str, Any] | None = None
+    namespace: str,
+    name: str,
+    *,
+    with_progress: bool = False,
+    event_pod: dict[str, Any] | None = None,
+    event_job: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Read the FineTuneJob's Job and pods and patch the status they imply; post an Event on change."""
     api = cluster()
@@ -220,7 +229,7 @@ def refresh(
         spec = parse_spec(ftj.get("spec") or {})
     except SpecError:
         return previous
-    job, pods = api.job(namespace, name), api.pods(namespace, name)
+    job, pods = event_job or api.job(namespace, name), api.pods(namespace, name)
     if event_pod and all(p["metadata"].get("uid") != event_pod["metadata"].get("uid") for p in pods):
         pods.append(event_pod)  # already deleted: its last state still counts (a preempted pod)
     progress = None
@@ -254,9 +263,9 @@ def _owner_name(body: Any) -> str | None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={FTJ_LABEL: kopf.PRESENT})
-def job_changed(body: Any, namespace: str, **_: Any) -> None:
+def job_changed(body: Any, namespace: str, type: str | None = None, **_: Any) -> None:
     if name := _owner_name(body):
-        refresh(namespace, name)
+        refresh(namespace, name, event_job=None if type == "DELETED" else plain(body))
 
 
 @kopf.on.event("v1", "pods", labels={FTJ_LABEL: kopf.PRESENT})

@@ -2,8 +2,9 @@
 
 1. Latency: FineTuneJob created -> its Job exists, and -> its pod Running (test kubelet), p50/p99,
    against `kubectl create` of the same Job directly (its pod Running), same run.
-2. Burst: N FineTuneJobs created at once (no nodes: pods stay Pending, nothing is trained):
-   reconciles per second until every Job exists, and the operator's peak RSS.
+2. Burst: N FineTuneJobs (suspended: no pods, nothing trained) waiting when the operator starts:
+   reconciles per second until every Job exists, and the operator's peak RSS. Creating them first
+   measures the operator, not how fast one client can create objects.
 Targets: p99 added latency <= 0.5 s, >= 50 reconciles/s, RSS <= 250 MB.
 
     .venv/bin/python tests/bench/operator_latency.py [--samples 20] [--burst 1000]
@@ -12,10 +13,12 @@ Targets: p99 added latency <= 0.5 s, >= 50 reconciles/s, RSS <= 250 MB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +58,16 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         threading.Thread(target=self._pods, daemon=True).start()
-        for event in watch.Watch().stream(k8s.BatchV1Api(self.api).list_namespaced_job, self.namespace):
-            self.jobs.setdefault(event["object"].metadata.name, time.monotonic())
+        with contextlib.suppress(Exception):  # the stream ends when the control plane stops
+            for event in watch.Watch().stream(k8s.BatchV1Api(self.api).list_namespaced_job, self.namespace):
+                self.jobs.setdefault(event["object"].metadata.name, time.monotonic())
 
     def _pods(self) -> None:
-        for event in watch.Watch().stream(k8s.CoreV1Api(self.api).list_namespaced_pod, self.namespace):
-            pod = event["object"]
-            if pod.status.phase == "Running":
-                self.running.setdefault(pod.metadata.labels.get("job-name", ""), time.monotonic())
+        with contextlib.suppress(Exception):
+            for event in watch.Watch().stream(k8s.CoreV1Api(self.api).list_namespaced_pod, self.namespace):
+                pod = event["object"]
+                if pod.status.phase == "Running":
+                    self.running.setdefault(pod.metadata.labels.get("job-name", ""), time.monotonic())
 
 
 def wait(done: Any, timeout: float) -> None:
@@ -141,27 +146,30 @@ def main() -> None:
                 f"added by the operator:    p50 {pct(added, 0.5):.3f} s  p99 {pct(added, 0.99):.3f} s (target <= 0.5)"
             )
 
-            burst = namespace(api, "burst")
-            jobs = Watcher(api, burst)
-            jobs.start()
-            t0 = time.monotonic()
-            for i in range(a.burst):
-                custom.create_namespaced_custom_object(
-                    "kubetune.io",
-                    "v1alpha1",
-                    burst,
-                    "finetunejobs",
-                    {**manifest(f"b-{i}"), "spec": {**manifest("x")["spec"], "runPolicy": {"suspend": True}}},
+        burst = namespace(api, "burst")
+        jobs = Watcher(api, burst)
+        jobs.start()
+        suspended = {**manifest("x")["spec"], "runPolicy": {"suspend": True}}
+        with ThreadPoolExecutor(8) as pool:
+            list(
+                pool.map(
+                    lambda i: custom.create_namespaced_custom_object(
+                        "kubetune.io", "v1alpha1", burst, "finetunejobs", {**manifest(f"b-{i}"), "spec": suspended}
+                    ),
+                    range(a.burst),
                 )
-            created = time.monotonic() - t0
+            )
+        with operator_process(plane.kubeconfig, work / "operator", progress_interval_seconds="3600") as op:
+            t0 = time.monotonic()
             wait(lambda: len(jobs.jobs) >= a.burst, 1800)
             elapsed = max(jobs.jobs.values()) - t0
-            print(
-                f"burst of {a.burst}: created in {created:.1f} s, every Job exists after {elapsed:.1f} s: "
-                f"{a.burst / elapsed:.1f} reconciles/s (target >= 50)"
-            )
-            print(f"operator peak RSS: {peak_rss_mb(op['process'].pid):.0f} MB (target <= 250)")
-            print(json.dumps({"p99_added": pct(added, 0.99), "reconciles_per_s": a.burst / elapsed}))
+            rss = peak_rss_mb(op["process"].pid)
+        print(
+            f"burst of {a.burst} waiting at start: every Job exists after {elapsed:.1f} s: "
+            f"{a.burst / elapsed:.1f} reconciles/s (target >= 50)"
+        )
+        print(f"operator peak RSS: {rss:.0f} MB (target <= 250)")
+        print(json.dumps({"p99_added": pct(added, 0.99), "reconciles_per_s": a.burst / elapsed, "rss_mb": rss}))
     finally:
         kubelet.stop()
         plane.stop()
