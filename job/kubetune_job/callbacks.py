@@ -63,6 +63,9 @@ class CommitCheckpoints(TrainerCallback):
         self.uploads = 0
         self._flight: _Upload | None = None
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        shutil.rmtree(self.spool, ignore_errors=True)  # snapshots an earlier container left behind
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return

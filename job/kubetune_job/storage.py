@@ -143,8 +143,6 @@ class StorageOptions:
     #: Multipart part size and parts in flight per file; files above one part go multipart.
     part_bytes: int = 32 << 20
     parts_in_flight: int = 8
-    #: Files uploaded at once by upload_dir (small files would otherwise wait on round trips).
-    files_in_flight: int = 4
 
 
 @dataclass(frozen=True)
