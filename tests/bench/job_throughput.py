@@ -6,7 +6,7 @@ and seed, checkpointing on in both; each run in a fresh process, alternating, in
 accuracy and F1 within a point of the plain script's. `--variant NAME=JSON` adds kubetune runs with
 other hyperparameters (the GPU fast path's switches forced on, torch.compile, length grouping):
 
-    .venv/bin/python tests/bench/job_throughput.py [--epochs 1] [--repeats 2] \
+    .venv/bin/python tests/bench/job_throughput.py [--epochs 1] [--batch-size 16] [--repeats 2] \
         [--variant 'compile={"compile": true}'] [--no-defaults]
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 from datasets import load_dataset
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                           TrainingArguments, set_seed)
-model_dir, data_dir, out, epochs = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+model_dir, data_dir, out, epochs, batch = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
 raw = load_dataset("csv", data_files={"train": f"{data_dir}/train.csv", "validation": f"{data_dir}/validation.csv"})
 labels = sorted(set(raw["train"]["label"]))
 tok = AutoTokenizer.from_pretrained(model_dir)
@@ -42,7 +42,7 @@ def encode(b):
 data = raw.map(encode, batched=True, remove_columns=raw["train"].column_names)
 set_seed(42)
 model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
-args = TrainingArguments(output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=16,
+args = TrainingArguments(output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=batch,
                          per_device_eval_batch_size=64, learning_rate=1e-4, seed=42, eval_strategy="epoch",
                          save_strategy="epoch", save_total_limit=2, logging_steps=10, report_to="none",
                          disable_tqdm=True, dataloader_pin_memory=False)
@@ -65,8 +65,9 @@ from pathlib import Path
 from kubetune_job.settings import JobSettings
 from kubetune_job.spec import parse_manifest
 from kubetune_job.train import run
-model_dir, data_dir, out, epochs = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
-hyper = {"epochs": epochs, "batchSize": 16, "evalBatchSize": 64, "learningRate": 1e-4, **json.loads(sys.argv[5])}
+model_dir, data_dir, epochs, batch = sys.argv[1], sys.argv[2], float(sys.argv[4]), int(sys.argv[5])
+out = Path(sys.argv[3])
+hyper = {"epochs": epochs, "batchSize": batch, "evalBatchSize": 64, "learningRate": 1e-4, **json.loads(sys.argv[6])}
 job = parse_manifest({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bench"},
     "spec": {"model": {"uri": model_dir}, "dataset": {"uri": data_dir, "maxLength": 64}, "hyperparameters": hyper,
              "metrics": ["accuracy", "f1"], "checkpoints": {"uri": str(out / "ckpt"), "every": "epoch", "keep": 2},
@@ -77,9 +78,19 @@ print("RESULT", json.dumps({"samples_per_second": summary["trainSamplesPerSecond
 """
 
 
-def measure(script: str, epochs: float, hyper: dict[str, Any] | None = None) -> dict[str, float]:
+def measure(script: str, epochs: float, batch: int, hyper: dict[str, Any] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as out:
-        argv = [sys.executable, "-c", script, str(MODEL), str(DATA), out, str(epochs), json.dumps(hyper or {})]
+        argv = [
+            sys.executable,
+            "-c",
+            script,
+            str(MODEL),
+            str(DATA),
+            out,
+            str(epochs),
+            str(batch),
+            json.dumps(hyper or {}),
+        ]
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -96,6 +107,7 @@ def variant(text: str) -> tuple[str, dict[str, Any]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variant", type=variant, action="append", default=[], help="NAME=JSON hyperparameters")
     p.add_argument("--no-defaults", action="store_true", help="skip kubetune with its defaults")
@@ -105,9 +117,9 @@ def main() -> None:
     variants = ([] if a.no_defaults else [("kubetune", {})]) + [(f"kubetune {n}", h) for n, h in a.variant]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in ["plain", *(n for n, _ in variants)]}
     for i in range(a.repeats):
-        runs["plain"].append(measure(PLAIN, a.epochs))
+        runs["plain"].append(measure(PLAIN, a.epochs, a.batch_size))
         for name, hyper in variants:
-            runs[name].append(measure(KUBETUNE, a.epochs, hyper))
+            runs[name].append(measure(KUBETUNE, a.epochs, a.batch_size, hyper))
         shown = ", ".join(f"{name} {r[-1]['samples_per_second']:.2f}" for name, r in runs.items())
         print(f"round {i + 1} samples/s: {shown}", flush=True)
     plain = statistics.median(r["samples_per_second"] for r in runs["plain"])
