@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .distributed import any_rank
 from .errors import Preempted
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ class Preemption(TrainerCallback):
             raise Preempted(None, "stopped by SIGTERM outside training; nothing new to checkpoint")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.requested:
+        # Every process decides at the same step: a SIGTERM may reach the processes of a pod (or of
+        # several pods) at different steps, and one that stopped alone would leave the others waiting
+        # in a collective until the kill.
+        if any_rank(self.requested):
+            if self.requested_at is None:  # another process got the signal: the same budget here
+                self.requested_at = time.monotonic()
             control.should_save = True
             control.should_training_stop = True

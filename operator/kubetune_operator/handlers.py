@@ -1,9 +1,14 @@
 """The kopf handlers: thin I/O around manifests.children() and status.derive().
 
-Level-triggered and idempotent: every handler ends in `refresh`, which reads the Job and pods and
-writes the status they imply. Child names are deterministic, so a replayed event or an operator
-restarted between creating the Job and writing status creates nothing twice. The operator never
-reads Secrets: pods get credentials through secretKeyRef.
+Level-triggered and idempotent: every FineTuneJob event, and a periodic round over all of them,
+reconciles; every Job and pod event refreshes, that is writes the status that the FineTuneJob's Job and
+pods imply. The FineTuneJobs, Jobs and pods come from kopf indices that its watches keep current (no
+GET or LIST per event), trimmed to what status.derive() reads; a refresh starts from the status this
+operator last wrote (it is status's only writer), which an index may not show yet. The operator writes
+nothing but status (no finalizers, no kopf annotations), so deleting a FineTuneJob never waits for it.
+Child names are deterministic, so a replayed event or an operator restarted between creating the Job
+and writing status creates nothing twice. The operator never reads Secrets: pods get credentials
+through secretKeyRef.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,18 +29,20 @@ from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 from kubernetes.config import incluster_config
 
-from kubetune_job.spec import FineTuneJobSpec, SpecError, parse_spec
+from kubetune_job.spec import SpecError, parse_spec
 
 from . import observability
 from .crd import GROUP, PLURAL, VERSION
 from .manifests import FTJ_LABEL, InvalidSpec, Owner, children, desired_suspend
-from .progress import delete_group, read_progress
+from .progress import delete_group, parse_groups, read_groups
 from .settings import OperatorSettings
-from .status import derive, invalid
+from .status import derive, invalid, job_view, pod_view
 
 log = logging.getLogger(__name__)
 SETTINGS = OperatorSettings()
 FTJ = (GROUP, VERSION, PLURAL)
+#: (namespace, FineTuneJob name) -> the values indexed for it (kopf.Index).
+Index = Mapping[tuple[str, str], Any]
 
 
 def now() -> str:
@@ -57,24 +66,6 @@ class Cluster:
     def _raw(response: Any) -> Any:
         return json.loads(response.data)
 
-    def finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._raw(
-                self.custom.get_namespaced_custom_object(*FTJ[:2], namespace, PLURAL, name, _preload_content=False)
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._raw(self.batch.read_namespaced_job(name, namespace, _preload_content=False))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
     def pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         selector = f"{FTJ_LABEL}={name}"
         listing = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
@@ -96,11 +87,64 @@ class Cluster:
                 raise
         return self._raw(read(name, namespace, _preload_content=False)), False
 
+    def event(self, obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """A Kubernetes Event about `obj` (a FineTuneJob), from the operator."""
+        meta, stamp = obj["metadata"], datetime.now(UTC)
+        involved = {k: obj.get(k) for k in ("apiVersion", "kind")} | {
+            k: meta.get(k) for k in ("name", "namespace", "uid")
+        }
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": involved,
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "kubetune-operator"},
+            "firstTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "lastTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
+        except ApiException as e:  # an Event is a nicety: never a reason to fail a reconcile
+            log.warning("cannot post the %s Event of %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason)
+
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(*FTJ[:2], namespace, PLURAL, name, {"status": status})
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Merge `status` into the FineTuneJob's; returns the whole status as stored."""
+        response = self.custom.patch_namespaced_custom_object_status(
+            *FTJ[:2], namespace, PLURAL, name, {"status": status}, _preload_content=False
+        )
+        return dict(self._raw(response).get("status") or {})
+
+
+class Written:
+    """The status this operator last wrote to each FineTuneJob (by uid), and a lock per FineTuneJob so
+    that refreshes started by its Job's and its pods' events do not interleave."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, dict[str, Any]] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def status(self, ftj: dict[str, Any]) -> dict[str, Any]:
+        """The newest status known: the one written here, else the one the API server sent."""
+        return self._status.get(ftj["metadata"]["uid"]) or dict(ftj.get("status") or {})
+
+    def write(self, ftj: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = ftj["metadata"]
+        self._status[meta["uid"]] = cluster().patch_status(meta["namespace"], meta["name"], status)
+
+    def forget(self, namespace: str, name: str, uid: str) -> None:
+        self._status.pop(uid, None)
+        self._locks.pop((namespace, name), None)
+
+
+WRITTEN = Written()
 
 
 _cluster: Cluster | None = None
@@ -117,6 +161,7 @@ def api_configuration() -> k8s.Configuration:
         loader.load_and_set(config)
     else:
         k8s_config.load_kube_config(client_configuration=config)
+    config.connection_pool_maxsize = SETTINGS.workers  # one kept-alive connection per handler thread
     return config
 
 
@@ -147,20 +192,16 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Keep kopf's bookkeeping in annotations: status belongs to the FineTuneJob API.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubetune.io", key="last-handled-configuration"
-    )
-    settings.posting.level = logging.INFO
+    # Event handlers only: kopf writes no bookkeeping of its own (annotations, finalizers) to objects.
+    # The operator posts its own Events (phase transitions); kopf's per-handler chatter stays in the log.
+    settings.posting.enabled = False
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = 16
+    # Handler threads are bounded, and with them the client's connections. kopf's per-object workers
+    # are not: every object's worker must be able to start, for the indices to fill.
+    settings.execution.max_workers = SETTINGS.workers
     observability.serve(SETTINGS.metrics_port)
     cluster()
-
-
-def _spec(body: Any) -> FineTuneJobSpec:
-    return parse_spec(plain(body.get("spec") or {}))
+    threading.Thread(target=_ticker, name="ticker", daemon=True).start()
 
 
 def _owner(body: Any) -> Owner:
@@ -168,88 +209,170 @@ def _owner(body: Any) -> Owner:
     return Owner(meta["name"], meta["namespace"], meta["uid"])
 
 
-@kopf.on.resume(*FTJ)
-@kopf.on.create(*FTJ)
-@kopf.on.update(*FTJ, field="spec")
-def reconcile(body: Any, **_: Any) -> None:
-    """Create the Job (and Service) for a FineTuneJob, keep suspend in step, then write status."""
+def _owner_name(body: Any) -> str | None:
+    return (body.get("metadata", {}).get("labels") or {}).get(FTJ_LABEL)
+
+
+@kopf.index(*FTJ)
+def finetunejobs(body: Any, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each FineTuneJob's identity, spec and status, for refreshes that its Job's and pods' events start."""
+    meta = body["metadata"]
+    keep = ("name", "namespace", "uid", "generation", "creationTimestamp")
+    view = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in keep if k in meta},
+        "spec": body.get("spec") or {},
+        "status": body.get("status") or {},
+    }
+    return {(namespace, name): plain(view)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={FTJ_LABEL: kopf.PRESENT})
+def jobs_by_owner(body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each FineTuneJob's Job, as derive() reads it."""
+    return {(namespace, str(_owner_name(body))): job_view(plain(body))}
+
+
+@kopf.index("v1", "pods", labels={FTJ_LABEL: kopf.PRESENT})
+def pods_by_owner(body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each FineTuneJob's pods, as derive() reads them."""
+    return {(namespace, str(_owner_name(body))): pod_view(plain(body))}
+
+
+#: The indices as the last handler saw them, for the ticker thread.
+_INDICES: list[Indices | None] = [None]
+
+
+@dataclass(frozen=True)
+class Indices:
+    """kopf's indices, as every handler receives them (by the indexing functions' names)."""
+
+    finetunejobs: Index
+    jobs: Index
+    pods: Index
+
+    @classmethod
+    def of(cls, kwargs: Mapping[str, Any]) -> Indices:
+        """From a handler's keyword arguments; kept for the ticker too (kopf's indices live as long as
+        the operator)."""
+        indices = cls(kwargs["finetunejobs"], kwargs["jobs_by_owner"], kwargs["pods_by_owner"])
+        _INDICES[0] = indices
+        return indices
+
+    @staticmethod
+    def first(index: Index, key: tuple[str, str]) -> dict[str, Any] | None:
+        return next(iter(index.get(key, ())), None)
+
+
+@kopf.on.event(*FTJ)
+def finetunejob_changed(body: Any, namespace: str, name: str, uid: str, type: str | None, **kwargs: Any) -> None:
+    """Every FineTuneJob event (the initial listing too) reconciles it. No kopf bookkeeping is written:
+    children exist or not (the Job index says which), and status holds the rest."""
+    if type == "DELETED":
+        deleted(namespace, name, uid)
+    else:
+        reconcile(plain(body), Indices.of(kwargs))
+
+
+def reconcile(ftj: dict[str, Any], indices: Indices) -> None:
+    """Create the Job (and Service) of a FineTuneJob if it has none, keep suspend in step, write status.
+
+    Idempotent, and cheap when nothing changed (no API call): it runs for each of the FineTuneJob's
+    events, its own status writes included, and in each periodic round (so a failed create is retried).
+    A FineTuneJob that has ended never gets a new Job, even after a TTL removed the old one."""
     started = time.monotonic()
-    owner, generation = _owner(body), body["metadata"].get("generation", 1)
-    previous = plain(body.get("status") or {})
+    owner = _owner(ftj)
+    key = (owner.namespace, owner.name)
+    job = indices.first(indices.jobs, key)
+    if job is not None and owner.uid not in job["metadata"]["owners"]:
+        job = None  # someone else's: creating ours below fails with the conflict
+    if job is None and WRITTEN.status(ftj).get("phase") in ("Succeeded", "Failed"):
+        return  # ended (or refused): nothing to create
     try:
-        spec = _spec(body)
+        spec = parse_spec(ftj.get("spec") or {})
         objects = children(owner, spec, SETTINGS)
     except (SpecError, InvalidSpec) as e:
-        message = "; ".join(e.problems) if isinstance(e, SpecError) else str(e)
-        cluster().patch_status(
-            owner.namespace, owner.name, invalid(message, generation=generation, previous=previous, now=now())
-        )
-        kopf.warn(plain(body), reason="InvalidSpec", message=message)
+        _invalid(ftj, "; ".join(e.problems) if isinstance(e, SpecError) else str(e))
         observability.reconciled("invalid", started)
         return
-    api = cluster()
-    created_job = False
-    for obj in objects:
-        existing, created = api.create(obj)
-        created_job |= created and obj["kind"] == "Job"
-        refs = existing["metadata"].get("ownerReferences") or []
-        if not any(r.get("uid") == owner.uid for r in refs):
-            message = f"a {obj['kind']} named {obj['metadata']['name']} exists and does not belong to this FineTuneJob"
-            api.patch_status(
-                owner.namespace, owner.name, invalid(message, generation=generation, previous=previous, now=now())
-            )
-            observability.reconciled("conflict", started)
-            return
-        if obj["kind"] == "Job":
-            suspend = desired_suspend(spec, bool(existing.get("spec", {}).get("suspend")))
-            if suspend is not None:
-                api.suspend_job(owner.namespace, owner.name, suspend)
-    if not created_job:  # a new Job's own ADDED event writes the status: no second round of reads
-        refresh(owner.namespace, owner.name)
+    if job is None:
+        api = cluster()
+        for obj in objects:
+            existing, created = api.create(obj)
+            if owner.uid not in job_view(existing)["metadata"]["owners"]:
+                what = f"a {obj['kind']} named {obj['metadata']['name']}"
+                _invalid(ftj, f"{what} exists and does not belong to this FineTuneJob")
+                observability.reconciled("conflict", started)
+                return
+            if obj["kind"] == "Job" and created:  # its own ADDED event writes the status
+                observability.reconciled("created", started)
+                return
+        job = job_view(existing)
+    suspend = desired_suspend(spec, job["spec"]["suspend"])
+    if suspend is not None:
+        cluster().suspend_job(owner.namespace, owner.name, suspend)
+    refresh(owner.namespace, owner.name, indices, event_job=job)
     observability.reconciled("ok", started)
+
+
+def _invalid(ftj: dict[str, Any], message: str) -> None:
+    """Mark a FineTuneJob the operator refuses (once per generation and message), with an Event."""
+    meta = ftj["metadata"]
+    with WRITTEN.lock(meta["namespace"], meta["name"]):
+        previous = WRITTEN.status(ftj)
+        status = invalid(message, generation=meta.get("generation", 1), previous=previous, now=now())
+        if _changed(previous, status):
+            WRITTEN.write(ftj, status)
+            cluster().event(ftj, "Warning", "InvalidSpec", message)
 
 
 def refresh(
     namespace: str,
     name: str,
+    indices: Indices,
     *,
-    with_progress: bool = False,
+    progress: dict[str, Any] | None = None,
     event_pod: dict[str, Any] | None = None,
     event_job: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Read the FineTuneJob's Job and pods and patch the status they imply; post an Event on change."""
-    api = cluster()
-    ftj = api.finetunejob(namespace, name)
-    if ftj is None:
-        return None
-    previous = ftj.get("status") or {}
-    if any(c.get("reason") == "InvalidSpec" and c.get("status") == "True" for c in previous.get("conditions") or []):
-        return previous
-    try:
-        spec = parse_spec(ftj.get("spec") or {})
-    except SpecError:
-        return previous
-    job, pods = event_job or api.job(namespace, name), api.pods(namespace, name)
-    if event_pod and all(p["metadata"].get("uid") != event_pod["metadata"].get("uid") for p in pods):
-        pods.append(event_pod)  # already deleted: its last state still counts (a preempted pod)
-    progress = None
-    if with_progress and SETTINGS.pushgateway_url:
-        progress = read_progress(SETTINGS.pushgateway_url, namespace, name)
-    status = derive(
-        job=job,
-        pods=pods,
-        metrics=list(spec.metrics),
-        generation=ftj["metadata"].get("generation", 1),
-        previous=previous,
-        now=now(),
-        progress=progress or previous.get("progress"),
-    )
-    if _changed(previous, status):
-        api.patch_status(namespace, name, status)
-        if status["phase"] != previous.get("phase"):
-            observability.transition(ftj, previous.get("phase"), status["phase"])
-            kind = "Warning" if status["phase"] == "Failed" else "Normal"
-            kopf.event(ftj, type=kind, reason=status["phase"], message=status.get("message") or status["phase"])
+    """Patch the status that the FineTuneJob's Job and pods imply; post an Event on a new phase.
+
+    event_job, event_pod: what a create call or an event just returned, newer than the index may be.
+    """
+    key = (namespace, name)
+    with WRITTEN.lock(namespace, name):
+        ftj = indices.first(indices.finetunejobs, key)
+        if ftj is None:
+            return None
+        previous = WRITTEN.status(ftj)
+        if any(
+            c.get("reason") == "InvalidSpec" and c.get("status") == "True" for c in previous.get("conditions") or []
+        ):
+            return previous
+        try:
+            spec = parse_spec(ftj.get("spec") or {})
+        except SpecError:
+            return previous
+        job = event_job or indices.first(indices.jobs, key)
+        pods = list(indices.pods.get(key, ()))
+        if event_pod and all(p["metadata"].get("uid") != event_pod["metadata"].get("uid") for p in pods):
+            pods.append(event_pod)  # already deleted: its last state still counts (a preempted pod)
+        status = derive(
+            job=job,
+            pods=pods,
+            metrics=list(spec.metrics),
+            generation=ftj["metadata"].get("generation", 1),
+            previous=previous,
+            now=now(),
+            progress=progress or previous.get("progress"),
+        )
+        if _changed(previous, status):
+            WRITTEN.write(ftj, status)
+            if status["phase"] != previous.get("phase"):
+                observability.transition(ftj, previous.get("phase"), status["phase"])
+                kind = "Warning" if status["phase"] == "Failed" else "Normal"
+                cluster().event(ftj, kind, status["phase"], status.get("message") or status["phase"])
     observability.record_phase(namespace, name, status["phase"])
     return status
 
@@ -258,44 +381,73 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return any(old.get(k) != v for k, v in new.items())
 
 
-def _owner_name(body: Any) -> str | None:
-    return (body.get("metadata", {}).get("labels") or {}).get(FTJ_LABEL)
-
-
 @kopf.on.event("batch", "v1", "jobs", labels={FTJ_LABEL: kopf.PRESENT})
-def job_changed(body: Any, namespace: str, type: str | None = None, **_: Any) -> None:
+def job_changed(body: Any, namespace: str, **kwargs: Any) -> None:
     if name := _owner_name(body):
-        refresh(namespace, name, event_job=None if type == "DELETED" else plain(body))
+        refresh(namespace, name, Indices.of(kwargs))
 
 
 @kopf.on.event("v1", "pods", labels={FTJ_LABEL: kopf.PRESENT})
-def pod_changed(body: Any, namespace: str, **_: Any) -> None:
+def pod_changed(body: Any, namespace: str, **kwargs: Any) -> None:
     if name := _owner_name(body):
-        refresh(namespace, name, event_pod=plain(body))
+        refresh(namespace, name, Indices.of(kwargs), event_pod=pod_view(plain(body)))
 
 
-@kopf.timer(*FTJ, interval=SETTINGS.progress_interval_seconds, initial_delay=5)
-def tick(body: Any, namespace: str, name: str, **_: Any) -> None:
-    """Progress from the Pushgateway while running; the job's metrics group removed after it ended."""
-    status = plain(body.get("status") or {})
-    phase = status.get("phase")
-    if phase == "Running":
-        refresh(namespace, name, with_progress=True)
-    elif phase in ("Succeeded", "Failed") and SETTINGS.pushgateway_url and not status.get("metricsDeleted"):
-        ended = status.get("completionTime")
-        if ended and _age(ended) >= SETTINGS.pushgateway_group_ttl_seconds:
-            delete_group(SETTINGS.pushgateway_url, namespace, name)
-            cluster().patch_status(namespace, name, {"metricsDeleted": True})
+def tick(indices: Indices, groups: list[dict[str, Any]] | None) -> None:
+    """One round over every FineTuneJob: progress (from `groups`, the Pushgateway's answer) while it
+    runs; a reconcile while it has no Job (its create may have failed); its metrics group removed a
+    while after it ended."""
+    for (namespace, name), values in _snapshot(indices.finetunejobs):
+        ftj = next(iter(values), None)
+        if ftj is None:
+            continue
+        status = WRITTEN.status(ftj)
+        phase = status.get("phase")
+        if phase == "Running":
+            progress = parse_groups(groups, namespace, name) if groups is not None else None
+            refresh(namespace, name, indices, progress=progress)
+        elif phase not in ("Succeeded", "Failed") and indices.first(indices.jobs, (namespace, name)) is None:
+            reconcile(ftj, indices)
+        elif phase in ("Succeeded", "Failed") and SETTINGS.pushgateway_url and not status.get("metricsDeleted"):
+            ended = status.get("completionTime")
+            if ended and _age(ended) >= SETTINGS.pushgateway_group_ttl_seconds:
+                delete_group(SETTINGS.pushgateway_url, namespace, name)
+                with WRITTEN.lock(namespace, name):
+                    WRITTEN.write(ftj, {"metricsDeleted": True})
+
+
+def _snapshot(index: Index) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
+    """The index's entries, copied from this thread while kopf's loop may be changing it."""
+    for _ in range(10):
+        try:
+            return [(key, list(values)) for key, values in list(index.items())]
+        except RuntimeError:  # changed size during the copy: try again
+            continue
+    return []
+
+
+def _ticker() -> None:
+    """tick() every progress interval, with one read of the Pushgateway for all FineTuneJobs. A thread
+    of the operator's, not a kopf timer: those put a finalizer on every object."""
+    while True:
+        time.sleep(SETTINGS.progress_interval_seconds)
+        if (indices := _INDICES[0]) is None:
+            continue
+        try:
+            groups = read_groups(SETTINGS.pushgateway_url) if SETTINGS.pushgateway_url else None
+            tick(indices, groups)
+        except Exception:  # a bad round must not stop the next ones
+            log.exception("periodic reconcile failed")
 
 
 def _age(stamp: str) -> float:
     return (datetime.now(UTC) - datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)).total_seconds()
 
 
-@kopf.on.delete(*FTJ, optional=True)
-def deleted(namespace: str, name: str, **_: Any) -> None:
+def deleted(namespace: str, name: str, uid: str) -> None:
     """Children go through ownerReferences; the metrics group is removed here (no finalizer)."""
     observability.forget(namespace, name)
+    WRITTEN.forget(namespace, name, uid)
     if SETTINGS.pushgateway_url:
         delete_group(SETTINGS.pushgateway_url, namespace, name)
         # A pod stopping now pushes its outcome on the way out: remove the group again once the pods are gone.

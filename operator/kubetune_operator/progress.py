@@ -90,10 +90,11 @@ def _stamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def read_progress(url: str, namespace: str, name: str) -> dict[str, Any] | None:
+def read_groups(url: str) -> list[dict[str, Any]] | None:
+    """Every group on the Pushgateway (one request for all FineTuneJobs), or None if it cannot be read."""
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/metrics", timeout=TIMEOUT) as r:
-            return parse_groups(json.load(r).get("data") or [], namespace, name)
+            return list(json.load(r).get("data") or [])
     except (OSError, ValueError) as e:
         log.warning("cannot read progress from %s: %s", url, e)
         return None

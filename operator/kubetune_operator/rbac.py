@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["get", "patch"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "get", "list", "watch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "patch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "get"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

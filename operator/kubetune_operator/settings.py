@@ -35,6 +35,12 @@ class OperatorSettings(BaseSettings):
         15, gt=0, description="How often a running job's progress is read from the Pushgateway."
     )
     namespaces: list[str] = Field([], description="Namespaces to watch; empty for all (JSON list).")
+    workers: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Objects handled at once per watched kind: kopf workers, handler threads and API connections.",
+    )
     metrics_port: int = Field(8080, description="Port of the operator's own /metrics.")
     termination_grace_seconds: int = Field(
         60, ge=5, description="Pod grace period: time for the job to commit a checkpoint on SIGTERM."

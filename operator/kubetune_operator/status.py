@@ -139,6 +139,24 @@ def conditions_for(
     return out
 
 
+def job_view(job: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a Job that derive() reads, and its owners' uids: what the operator keeps per Job."""
+    meta = job.get("metadata") or {}
+    owners = [r.get("uid") for r in meta.get("ownerReferences") or ()]
+    return {
+        "metadata": {"name": meta.get("name"), "uid": meta.get("uid"), "owners": owners},
+        "spec": {"suspend": bool((job.get("spec") or {}).get("suspend"))},
+        "status": job.get("status") or {},
+    }
+
+
+def pod_view(pod: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a pod that derive() reads: what the operator keeps in memory per pod."""
+    meta = pod.get("metadata") or {}
+    keep = ("name", "uid", "creationTimestamp", "deletionTimestamp")
+    return {"metadata": {k: meta[k] for k in keep if k in meta}, "status": pod.get("status") or {}}
+
+
 def derive(
     *,
     job: dict[str, Any] | None,

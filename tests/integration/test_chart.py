@@ -27,7 +27,10 @@ BUCKET = "kubetune"
 def helm(*args: str, plane: Any = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     config = [f"--kubeconfig={plane.kubeconfig}"] if plane else []
     argv = [str(binaries.require("helm")), *config, *args]
-    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if check and done.returncode:
+        raise AssertionError(f"helm {args[0]} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return done
 
 
 def rendered(*values: str) -> list[dict[str, Any]]:

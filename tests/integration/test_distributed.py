@@ -90,6 +90,15 @@ def committed_files(checkpoints: Path, step: int) -> set[str]:
     return {f["path"] for f in json.loads(manifest_file.read_text())["files"]}
 
 
+def first_commit(proc: subprocess.Popen[bytes], work: Path) -> None:
+    """Wait, while the job runs, for its first committed checkpoint (step 20)."""
+    first = work / "checkpoints" / "checkpoint-20" / "kubetune-manifest.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.exists() and proc.poll() is None, (work / "job.log").read_text()[-3000:]
+
+
 def test_two_processes_train_once_and_report_from_rank0(
     tiny: dict[str, Path], tmp_path: Path, gateway: tuple[str, list[str]]
 ) -> None:
@@ -114,11 +123,7 @@ def test_two_processes_resume_after_the_pod_is_killed(tiny: dict[str, Path], tmp
     """SIGKILL to the launcher, torchrun and workers after the first commit; the rerun resumes and finishes."""
     work = tmp_path / "killed"
     proc = start(work, manifest(tiny, work))
-    first = work / "checkpoints" / "checkpoint-20" / "kubetune-manifest.json"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert first.exists() and proc.poll() is None, (work / "job.log").read_text()[-3000:]
+    first_commit(proc, work)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
@@ -126,6 +131,53 @@ def test_two_processes_resume_after_the_pod_is_killed(tiny: dict[str, Path], tmp
     assert code == 0, (work / "job.log").read_text()[-3000:]
     assert summary["resumedFromStep"] >= 20 and summary["finalStep"] == FINAL_STEP
     assert summary["stepsThisRun"] == FINAL_STEP - summary["resumedFromStep"]
+
+
+def worker(root: int, rank: int) -> int | None:
+    """The pid of the training process with this RANK among the descendants of `root`."""
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    for pid in parents:
+        ancestor = pid
+        while ancestor in parents and ancestor != root:
+            ancestor = parents[ancestor]
+        if ancestor != root or pid == root:
+            continue
+        try:
+            env = dict(v.split("=", 1) for v in (Path(f"/proc/{pid}") / "environ").read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env:
+            return pid
+    return None
+
+
+def test_a_sigterm_that_reaches_one_process_stops_both_at_one_committed_step(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """SIGTERM to rank 1 alone: both processes stop at the same step, rank 0 commits it, the pod exits 21
+    (Preempted) rather than hanging in a collective; the rerun resumes from that step."""
+    work = tmp_path / "term"
+    proc = start(work, manifest(tiny, work))
+    first_commit(proc, work)
+    pid = worker(proc.pid, 1)
+    assert pid, (work / "job.log").read_text()[-3000:]
+    os.kill(pid, signal.SIGTERM)
+    code, summary = finish(proc, work)
+    log = (work / "job.log").read_text()
+    assert code == 21, log[-3000:]
+    stopped = summary["finalStep"]
+    assert summary["reason"] == "Preempted" and 20 < stopped < FINAL_STEP, summary
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= committed_files(work / "checkpoints", stopped)
+
+    code, summary = finish(start(work, manifest(tiny, work)), work)
+    assert code == 0, (work / "job.log").read_text()[-3000:]
+    assert summary["resumedFromStep"] == stopped and summary["finalStep"] == FINAL_STEP
 
 
 def test_a_permanent_error_of_rank0_is_the_pod_exit_code(tiny: dict[str, Path], tmp_path: Path) -> None:
