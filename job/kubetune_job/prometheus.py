@@ -235,6 +235,8 @@ class TrainingMetrics(TrainerCallback):
         self.tokens_per_sample: float | None = None
         self.gpu: int | None = None
         self._mark: tuple[int, int, float] | None = None
+        #: (global step, input tokens seen, Unix time) when this run's training began.
+        self._start: tuple[int, int, float] | None = None
         self._seen_commit: tuple[int, float] | None = None
         self._utilization = True
         metrics.samplers.append(self.sample)
@@ -249,6 +251,7 @@ class TrainingMetrics(TrainerCallback):
         self.gpu = (device.index or 0) if device is not None and device.type == "cuda" else None
         self.progress = (state.global_step, float(state.epoch or 0), state.num_input_tokens_seen, time.time())
         self._mark = None
+        self._start = (state.global_step, state.num_input_tokens_seen, self.progress[3])
         self.metrics.set("kubetune_train_total_steps", self.total_steps)
         self.metrics.push_soon()
 
@@ -289,6 +292,12 @@ class TrainingMetrics(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self.on_step_end(args, state, control)
+            # Throughput over the whole run: one shorter than the sampling window still reports one.
+            if self._start is not None and self.progress is not None:
+                step, _, tokens, at = self.progress
+                start_step, start_tokens, began = self._start
+                if step > start_step and at > began:
+                    self._rates(step - start_step, tokens - start_tokens, at - began, step)
             self.metrics.push_soon()
 
     # On the push thread.
@@ -312,15 +321,19 @@ class TrainingMetrics(TrainerCallback):
         seconds = at - mark[2]
         if step == mark[0] or seconds < MIN_WINDOW_SECONDS:
             return
-        steps_per_second = (step - mark[0]) / seconds
+        self._rates(step - mark[0], tokens - mark[1], seconds, step)
+        self._mark = (step, tokens, at)
+
+    def _rates(self, steps: int, tokens: int, seconds: float, step: int) -> None:
+        """samples/s, tokens/s and the ETA from `steps` optimizer steps (and `tokens`) in `seconds`."""
+        steps_per_second = steps / seconds
         samples = steps_per_second * self.samples_per_step
         self.metrics.set("kubetune_train_samples_per_second", samples)
-        if tokens > mark[1]:  # counted by the Trainer (include_num_input_tokens_seen)
-            self.metrics.set("kubetune_train_tokens_per_second", (tokens - mark[1]) / seconds)
+        if tokens > 0:  # counted by the Trainer (include_num_input_tokens_seen)
+            self.metrics.set("kubetune_train_tokens_per_second", tokens / seconds)
         elif self.tokens_per_sample:
             self.metrics.set("kubetune_train_tokens_per_second", samples * self.tokens_per_sample)
         self.metrics.set("kubetune_train_eta_seconds", max(self.total_steps - step, 0) / steps_per_second)
-        self._mark = (step, tokens, at)
 
     def _checkpoint(self) -> None:
         # The committing callback's attributes, read defensively: uploads may finish on another thread.

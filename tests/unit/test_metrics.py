@@ -346,6 +346,20 @@ def test_throughput_and_eta_come_from_step_times() -> None:
     assert value(metrics, "kubetune_train_global_step") == 30 and value(metrics, "kubetune_train_total_steps") == 100
 
 
+def test_a_run_shorter_than_the_sampling_window_still_reports_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No two samples a window apart (a short run on a fast machine): train end sets the whole run's rate."""
+    import kubetune_job.prometheus as prometheus
+
+    metrics = job_metrics("http://gw")
+    callback = metrics.callback()
+    clock = iter([1000.0, 1004.0])
+    monkeypatch.setattr(prometheus.time, "time", lambda: next(clock))
+    callback.on_train_begin(args(), state(max_steps=100), None)
+    callback.on_train_end(args(), state(global_step=100, epoch=2.0), None)  # 100 steps of 16 samples in 4 s
+    assert value(metrics, "kubetune_train_samples_per_second") == pytest.approx(400.0)
+    assert value(metrics, "kubetune_train_eta_seconds") == 0
+
+
 def test_counted_tokens_win_over_the_estimate() -> None:
     """With the Trainer counting input tokens, tokens/s uses the count."""
     metrics = job_metrics("http://gw")
