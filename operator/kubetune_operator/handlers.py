@@ -66,11 +66,6 @@ class Cluster:
     def _raw(response: Any) -> Any:
         return json.loads(response.data)
 
-    def pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        selector = f"{FTJ_LABEL}={name}"
-        listing = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
-        return list(self._raw(listing)["items"])
-
     def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create a child; if it exists already (a replay, a restart), return the existing one, and
         whether it was created now."""
@@ -231,13 +226,13 @@ def finetunejobs(body: Any, namespace: str, name: str, **_: Any) -> dict[tuple[s
 @kopf.index("batch", "v1", "jobs", labels={FTJ_LABEL: kopf.PRESENT})
 def jobs_by_owner(body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Each FineTuneJob's Job, as derive() reads it."""
-    return {(namespace, str(_owner_name(body))): job_view(plain(body))}
+    return {(namespace, str(_owner_name(body))): plain(job_view(body))}
 
 
 @kopf.index("v1", "pods", labels={FTJ_LABEL: kopf.PRESENT})
 def pods_by_owner(body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Each FineTuneJob's pods, as derive() reads them."""
-    return {(namespace, str(_owner_name(body))): pod_view(plain(body))}
+    return {(namespace, str(_owner_name(body))): plain(pod_view(body))}
 
 
 #: The indices as the last handler saw them, for the ticker thread.
@@ -270,7 +265,7 @@ def finetunejob_changed(body: Any, namespace: str, name: str, uid: str, type: st
     """Every FineTuneJob event (the initial listing too) reconciles it. No kopf bookkeeping is written:
     children exist or not (the Job index says which), and status holds the rest."""
     if type == "DELETED":
-        deleted(namespace, name, uid)
+        deleted(namespace, name, uid, Indices.of(kwargs))
     else:
         reconcile(plain(body), Indices.of(kwargs))
 
@@ -390,7 +385,7 @@ def job_changed(body: Any, namespace: str, **kwargs: Any) -> None:
 @kopf.on.event("v1", "pods", labels={FTJ_LABEL: kopf.PRESENT})
 def pod_changed(body: Any, namespace: str, **kwargs: Any) -> None:
     if name := _owner_name(body):
-        refresh(namespace, name, Indices.of(kwargs), event_pod=pod_view(plain(body)))
+        refresh(namespace, name, Indices.of(kwargs), event_pod=plain(pod_view(body)))
 
 
 def tick(indices: Indices, groups: list[dict[str, Any]] | None) -> None:
@@ -444,19 +439,22 @@ def _age(stamp: str) -> float:
     return (datetime.now(UTC) - datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)).total_seconds()
 
 
-def deleted(namespace: str, name: str, uid: str) -> None:
+def deleted(namespace: str, name: str, uid: str, indices: Indices) -> None:
     """Children go through ownerReferences; the metrics group is removed here (no finalizer)."""
     observability.forget(namespace, name)
     WRITTEN.forget(namespace, name, uid)
     if SETTINGS.pushgateway_url:
         delete_group(SETTINGS.pushgateway_url, namespace, name)
         # A pod stopping now pushes its outcome on the way out: remove the group again once the pods are gone.
-        threading.Thread(target=_delete_group_after_pods, args=(namespace, name), daemon=True).start()
+        args = (namespace, name, indices)
+        threading.Thread(target=_delete_group_after_pods, args=args, daemon=True).start()
 
 
-def _delete_group_after_pods(namespace: str, name: str) -> None:
+def _delete_group_after_pods(namespace: str, name: str, indices: Indices) -> None:
     deadline = time.monotonic() + SETTINGS.termination_grace_seconds + 30
-    while cluster().pods(namespace, name) and time.monotonic() < deadline:
+    while any(key == (namespace, name) and pods for key, pods in _snapshot(indices.pods)):
+        if time.monotonic() >= deadline:
+            break
         time.sleep(2)
     assert SETTINGS.pushgateway_url
     delete_group(SETTINGS.pushgateway_url, namespace, name)
