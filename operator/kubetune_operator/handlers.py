@@ -104,6 +104,17 @@ class Cluster:
         except ApiException as e:  # an Event is a nicety: never a reason to fail a reconcile
             log.warning("cannot post the %s Event of %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason)
 
+    def create_failure(self, namespace: str, job: dict[str, Any]) -> str | None:
+        """The message of the Job's newest FailedCreate Event: why the Job controller cannot create a pod."""
+        meta = job["metadata"]
+        selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
+        response = self.core.list_namespaced_event(namespace, field_selector=selector, _preload_content=False)
+        events = self._raw(response).get("items") or []
+        if not events:
+            return None
+        newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        return newest.get("message") or None
+
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 
@@ -330,10 +341,12 @@ def refresh(
     progress: dict[str, Any] | None = None,
     event_pod: dict[str, Any] | None = None,
     event_job: dict[str, Any] | None = None,
+    create_failure: str | None = None,
 ) -> dict[str, Any] | None:
     """Patch the status that the FineTuneJob's Job and pods imply; post an Event on a new phase.
 
     event_job, event_pod: what a create call or an event just returned, newer than the index may be.
+    create_failure: why the Job controller cannot create a pod, just read from its Events.
     """
     key = (namespace, name)
     with WRITTEN.lock(namespace, name):
@@ -361,6 +374,7 @@ def refresh(
             previous=previous,
             now=now(),
             progress=progress or previous.get("progress"),
+            create_failure=create_failure,
         )
         if _changed(previous, status):
             WRITTEN.write(ftj, status)
@@ -390,19 +404,23 @@ def pod_changed(body: Any, namespace: str, **kwargs: Any) -> None:
 
 def tick(indices: Indices, groups: list[dict[str, Any]] | None) -> None:
     """One round over every FineTuneJob: progress (from `groups`, the Pushgateway's answer) while it
-    runs; a reconcile while it has no Job (its create may have failed); its metrics group removed a
-    while after it ended."""
-    for (namespace, name), values in _snapshot(indices.finetunejobs):
+    runs; a reconcile while it has no Job (its create may have failed); while its Job has no pod, the
+    Job's FailedCreate Events (a quota); its metrics group removed a while after it ended."""
+    for key, values in _snapshot(indices.finetunejobs):
+        namespace, name = key
         ftj = next(iter(values), None)
         if ftj is None:
             continue
         status = WRITTEN.status(ftj)
-        phase = status.get("phase")
+        phase, job = status.get("phase"), indices.first(indices.jobs, key)
         if phase == "Running":
             progress = parse_groups(groups, namespace, name) if groups is not None else None
             refresh(namespace, name, indices, progress=progress)
-        elif phase not in ("Succeeded", "Failed") and indices.first(indices.jobs, (namespace, name)) is None:
+        elif phase not in ("Succeeded", "Failed") and job is None:
             reconcile(ftj, indices)
+        elif phase == "Pending" and job and not job["spec"]["suspend"] and not indices.pods.get(key):
+            if failure := cluster().create_failure(namespace, job):
+                refresh(namespace, name, indices, create_failure=failure)
         elif phase in ("Succeeded", "Failed") and SETTINGS.pushgateway_url and not status.get("metricsDeleted"):
             ended = status.get("completionTime")
             if ended and _age(ended) >= SETTINGS.pushgateway_group_ttl_seconds:

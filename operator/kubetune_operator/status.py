@@ -10,6 +10,9 @@ from typing import Any
 
 WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError")
 CONDITION_TYPES = ("Created", "Running", "Suspended", "Succeeded", "Failed")
+#: Why the Job controller could not create a pod (its FailedCreate Event): a ResourceQuota, or anything else
+#: the API server refused (a LimitRange, Pod Security admission...).
+CREATE_FAILURES = ("QuotaExceeded", "FailedCreate")
 
 
 def _true(conditions: Sequence[dict[str, Any]] | None, kind: str) -> dict[str, Any] | None:
@@ -85,8 +88,24 @@ def waiting(pods: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
-def phase_of(job: dict[str, Any] | None, pods: Sequence[dict[str, Any]]) -> tuple[str, str, str]:
-    """(phase, reason, message) of a FineTuneJob from its Job and pods."""
+def create_failure_reason(message: str) -> str:
+    """QuotaExceeded or FailedCreate, from the message of a Job's FailedCreate Event."""
+    return "QuotaExceeded" if "exceeded quota" in message else "FailedCreate"
+
+
+def previous_create_failure(previous: dict[str, Any]) -> str | None:
+    """The pod-creation failure the last status reported, kept until pods appear or a newer one is read."""
+    if previous.get("phase") != "Pending":
+        return None
+    running: dict[str, Any] = next((c for c in previous.get("conditions") or () if c.get("type") == "Running"), {})
+    return running.get("message") if running.get("reason") in CREATE_FAILURES else None
+
+
+def phase_of(
+    job: dict[str, Any] | None, pods: Sequence[dict[str, Any]], create_failure: str | None = None
+) -> tuple[str, str, str]:
+    """(phase, reason, message) of a FineTuneJob from its Job and pods, and why the Job controller could
+    not create a pod (the message of the Job's newest FailedCreate Event), if it could not."""
     if job is None:
         return "Pending", "Creating", "the Job is being created"
     conditions = job.get("status", {}).get("conditions")
@@ -100,6 +119,8 @@ def phase_of(job: dict[str, Any] | None, pods: Sequence[dict[str, Any]]) -> tupl
         return "Running", "Running", "training"
     if why := waiting(pods):
         return "Pending", why[0], why[1]
+    if create_failure and not pods:
+        return "Pending", create_failure_reason(create_failure), create_failure
     return "Pending", "Starting", "waiting for a pod to start"
 
 
@@ -166,9 +187,13 @@ def derive(
     previous: dict[str, Any],
     now: str,
     progress: dict[str, Any] | None = None,
+    create_failure: str | None = None,
 ) -> dict[str, Any]:
-    """The whole status of a FineTuneJob (what a merge patch of .status sets)."""
-    phase, reason, message = phase_of(job, pods)
+    """The whole status of a FineTuneJob (what a merge patch of .status sets).
+
+    create_failure: the message of the Job's newest FailedCreate Event, when one was just read; without
+    it, the failure the previous status reported holds until a pod exists."""
+    phase, reason, message = phase_of(job, pods, create_failure or previous_create_failure(previous))
     ordered = sorted(pods, key=_created)
     seen, count = failures(ordered, previous)
     restarts = max(count - 1, 0) if phase == "Failed" else count

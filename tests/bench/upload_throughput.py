@@ -116,18 +116,28 @@ def other(tool: str, s3: SeaweedS3, bucket: str, directory: Path) -> tuple[float
     return float(result["seconds"]), float(result["cpu"])
 
 
-def measure(tool: str, s3: SeaweedS3, directory: Path, total: int, options: StorageOptions) -> tuple[float, float]:
-    """Seconds (wall, client CPU) to upload the checkpoint into a fresh bucket; checked whole, then dropped."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (from /proc; Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    tool: str, s3: SeaweedS3, directory: Path, total: int, options: StorageOptions
+) -> tuple[float, float, float]:
+    """Seconds (wall, client CPU, server CPU) to upload into a fresh bucket; checked whole, then dropped."""
     bucket = f"bench-{tool}-{secrets.token_hex(3)}"
     s3.create_bucket(bucket)
     try:
+        server = cpu_seconds(s3.process.pid)
         took = kubetune(s3, bucket, directory, options) if tool == "kubetune" else other(tool, s3, bucket, directory)
+        server = cpu_seconds(s3.process.pid) - server
         arrived = stored_bytes(s3, bucket)
         if arrived < total:
             sys.exit(f"{tool}: only {arrived} of {total} bytes arrived")
     finally:
         s3.delete_bucket(bucket)
-    return took
+    return (*took, server)
 
 
 def main() -> None:
@@ -146,20 +156,26 @@ def main() -> None:
         s3 = SeaweedS3.start(Path(tmp) / "s3")
         times: dict[str, list[float]] = {"kubetune": [], "boto3": [], "s3fs": []}
         cpu: dict[str, list[float]] = {tool: [] for tool in times}
+        server_cpu: dict[str, list[float]] = {tool: [] for tool in times}
         try:
             for i in range(a.repeats):
                 for tool in times:
-                    seconds, used = measure(tool, s3, directory, total, options)
+                    seconds, used, served = measure(tool, s3, directory, total, options)
                     times[tool].append(seconds)
                     cpu[tool].append(used)
-                    line = f"{seconds:6.2f} s {total / 1e6 / seconds:6.1f} MB/s, client CPU {used:5.2f} s"
+                    server_cpu[tool].append(served)
+                    rate = total / 1e6 / seconds
+                    line = f"{seconds:6.2f} s {rate:6.1f} MB/s, CPU client {used:5.2f} s server {served:5.2f} s"
                     print(f"round {i + 1}: {tool:8} {line}", flush=True)
         finally:
             s3.stop()
     best: dict[str, Any] = {tool: statistics.median(t) for tool, t in times.items()}
     for tool, seconds in best.items():
-        per_gb = statistics.median(cpu[tool]) / (total / 1e9)
-        print(f"{tool:8} {total / 1e6 / seconds:7.1f} MB/s, client CPU {per_gb:5.2f} s/GB (median of {a.repeats})")
+        per_gb = [statistics.median(c[tool]) / (total / 1e9) for c in (cpu, server_cpu)]
+        print(
+            f"{tool:8} {total / 1e6 / seconds:7.1f} MB/s, CPU per GB client {per_gb[0]:5.2f} s "
+            f"server {per_gb[1]:5.2f} s (median of {a.repeats})"
+        )
     print(f"ratio kubetune/boto3: {best['boto3'] / best['kubetune']:.2f}x (target >= 1.5)")
     print(f"ratio kubetune/s3fs:  {best['s3fs'] / best['kubetune']:.2f}x")
 

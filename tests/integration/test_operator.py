@@ -216,6 +216,34 @@ def test_too_many_gpus_waits_unschedulable_until_a_node_fits(
         kubelet.delete_node("gpu-node-big")
 
 
+def test_a_quota_that_refuses_the_pod_explains_pending_until_it_is_raised(
+    control_plane: Any, run: Any, namespace: str
+) -> None:
+    """A ResourceQuota that leaves no room for the pod: Pending with reason QuotaExceeded and the
+    quota's message (read from the Job's FailedCreate Event); it runs once the quota is raised."""
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-room"}}
+    assert apply(control_plane, {**quota, "spec": {"hard": {"pods": "0"}}}, namespace=namespace).returncode == 0
+    # Until the quota controller has counted usage, admission refuses with "status unknown", not "exceeded".
+    counted = lambda: (get(control_plane, "resourcequota", "no-room", namespace) or {}).get("status")  # noqa: E731
+    wait_for("the quota's usage", counted)
+    run("quota")
+
+    def refused() -> dict[str, Any] | None:
+        st = status(control_plane, namespace, "quota")
+        reasons = {c["type"]: c["reason"] for c in st.get("conditions", [])}
+        return st if reasons.get("Running") == "QuotaExceeded" else None
+
+    st = wait_for("QuotaExceeded", refused, timeout=60)
+    assert st["phase"] == "Pending" and "exceeded quota: no-room" in st["message"], st
+    assert apply(control_plane, {**quota, "spec": {"hard": {"pods": "10"}}}, namespace=namespace).returncode == 0
+    # The Job controller retries the create with its own backoff (at most a minute).
+    wait_for(
+        "a pod past the quota",
+        lambda: status(control_plane, namespace, "quota").get("phase") in ("Running", "Succeeded"),
+        timeout=150,
+    )
+
+
 def test_suspend_then_resume_continues_from_the_checkpoint(control_plane: Any, run: Any, namespace: str) -> None:
     """Suspending stops the pods; resuming starts a new pod that resumes from the committed checkpoint."""
     doc = run("pausable", hyperparameters={"epochs": 3})

@@ -159,6 +159,23 @@ def test_unschedulable_pod_explains_pending() -> None:
     )
 
 
+def test_a_pod_refused_by_a_quota_explains_pending_until_a_pod_exists() -> None:
+    """The Job's FailedCreate Event makes the phase Pending with reason QuotaExceeded (FailedCreate for
+    other refusals); later refreshes without a fresh read keep it, until a pod exists."""
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {}}
+    quota = 'Error creating: pods "x-abc" is forbidden: exceeded quota: gpus, requested: pods=1, used: pods=0'
+    first = derive(job=job, pods=[], metrics=[], generation=1, previous={}, now=NOW, create_failure=quota)
+    running = next(c for c in first["conditions"] if c["type"] == "Running")
+    assert (first["phase"], running["reason"], first["message"]) == ("Pending", "QuotaExceeded", quota)
+    kept = derive(job=job, pods=[], metrics=[], generation=1, previous=first, now=NOW)
+    assert next(c for c in kept["conditions"] if c["type"] == "Running")["reason"] == "QuotaExceeded"
+    started = derive(job=job, pods=[pod("Pending")], metrics=[], generation=1, previous=kept, now=NOW)
+    assert next(c for c in started["conditions"] if c["type"] == "Running")["reason"] == "Starting"
+    psa = 'Error creating: pods "x-abc" is forbidden: violates PodSecurity "restricted:latest"'
+    assert phase_of(job, [], psa)[:2] == ("Pending", "FailedCreate")
+    assert phase_of({**job, "spec": {"suspend": True}}, [], quota)[:2] == ("Suspended", "Suspended")
+
+
 def test_preempted_pod_counts_as_a_restart_once() -> None:
     """A preempted pod is one restart with reason Preempted, even after it is gone from the listing."""
     preempted = pod("Failed", conditions=[{"type": "DisruptionTarget", "status": "True"}])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune_job.storage import StorageOptions, classify, resolve_s3, short_reason
+from kubetune_job.storage import MAX_PARTS, StorageOptions, classify, part_size, resolve_s3, short_reason
 
 DENIED_XML = (
     "Generic S3 error: Error performing list request: Error performing GET http://127.0.0.1:9000/b?list-type=2 "
@@ -80,3 +80,12 @@ def test_short_reason_keeps_the_s3_code_and_message() -> None:
     assert (
         short_reason("Generic S3 error: HTTP error: error sending request\nmore") == "HTTP error: error sending request"
     )
+
+
+def test_part_size_grows_so_no_upload_needs_more_than_the_s3_part_limit() -> None:
+    mib = 1 << 20
+    assert part_size(1, 16 * mib) == 16 * mib
+    assert part_size(16 * mib * MAX_PARTS, 16 * mib) == 16 * mib
+    big = 600 * 10**9  # one optimizer file of a large model
+    size = part_size(big, 16 * mib)
+    assert size % mib == 0 and -(-big // size) <= MAX_PARTS and size - mib < -(-big // MAX_PARTS)

@@ -45,5 +45,5 @@ http://{{ include "kubetune.fullname" . }}-pushgateway.{{ .Release.Namespace }}.
   verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end -}}
