@@ -52,7 +52,8 @@ def install_crd(plane: Any) -> None:
 
 
 def operator_account(plane: Any, workdir: Path, namespace: str = "kubetune-system") -> Path:
-    """A ServiceAccount bound to RULES cluster-wide; returns a kubeconfig with its token."""
+    """A ServiceAccount bound to RULES cluster-wide; returns a kubeconfig with its token. The role is
+    named apart from the chart's, so the chart installs in the same session."""
     docs = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
         {
@@ -63,14 +64,18 @@ def operator_account(plane: Any, workdir: Path, namespace: str = "kubetune-syste
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
-            "metadata": {"name": "kubetune-operator"},
+            "metadata": {"name": "kubetune-operator-under-test"},
             "rules": RULES,
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
-            "metadata": {"name": "kubetune-operator"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubetune-operator"},
+            "metadata": {"name": "kubetune-operator-under-test"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "kubetune-operator-under-test",
+            },
             "subjects": [{"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": namespace}],
         },
     ]

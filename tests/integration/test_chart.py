@@ -102,6 +102,13 @@ def release(control_plane: Any, kubelet: Any, s3: Any, pushgateway: Any) -> Iter
         f"operator.metricsPort={metrics}",
         f"operator.healthPort={health}",
     ]
+    crd_name = crd()["metadata"]["name"]
+    if kubectl(control_plane, "get", "crd", crd_name, check=False).returncode == 0:
+        # Applied by kubectl earlier in this session (another module's install_crd): the release adopts
+        # it, as an admin moving to the chart would, instead of failing on an object it does not own.
+        release_of = ("meta.helm.sh/release-name=kubetune", "meta.helm.sh/release-namespace=kubetune")
+        kubectl(control_plane, "annotate", "--overwrite", "crd", crd_name, *release_of)
+        kubectl(control_plane, "label", "--overwrite", "crd", crd_name, "app.kubernetes.io/managed-by=Helm")
     args = ["install", "kubetune", str(CHART), "-n", "kubetune", "--wait", "--timeout=180s"]
     helm(*args, *[x for s in settings for x in ("--set", s)], plane=control_plane)
     yield {"metrics_port": metrics}
