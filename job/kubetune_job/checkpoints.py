@@ -127,9 +127,11 @@ class CheckpointStore:
 
     def resume(self, into: Path) -> int | None:
         """At start: fetch the newest checkpoint that verifies (fetch_latest), then delete what
-        interrupted uploads and failed checks left behind. Return its step, None to start afresh."""
+        interrupted uploads and failed checks left behind, unfinished multipart uploads included
+        (no upload of this job is running yet). Return its step, None to start afresh."""
         step = self.fetch_latest(into)
         self.prune(writing=None)
+        self.storage.abort_uploads("checkpoint-")
         return step
 
     def fetch_latest(self, into: Path) -> int | None:

@@ -14,9 +14,12 @@ or StorageUnavailable (network, timeouts, 5xx after the retries ran out: the pod
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,8 +27,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal, Protocol
+from xml.etree import ElementTree
 
 from .errors import StorageDenied, StorageUnavailable
+from .sigv4 import Credentials, sign
+
+log = logging.getLogger(__name__)
+#: (key, upload id) of unfinished multipart uploads.
+Uploads = list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,9 @@ class Storage(Protocol):
     def download_file(self, key: str, local: Path) -> None: ...
 
     def delete(self, keys: Iterable[str]) -> None: ...
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort the unfinished uploads a killed writer left under prefix; return how many."""
 
 
 def join(uri: str, *parts: str) -> str:
@@ -121,6 +133,11 @@ class LocalStorage:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
         _remove_empty_dirs(self.root)
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Local files are renamed into place whole: a killed writer leaves only *.tmp files, which
+        listing shows and pruning deletes with the rest of an uncommitted checkpoint."""
+        return 0
 
 
 def _remove_empty_dirs(root: Path) -> None:
@@ -251,6 +268,11 @@ class S3Storage:
             "secret_access_key": env.get("AWS_SECRET_ACCESS_KEY"),
             "session_token": env.get("AWS_SESSION_TOKEN"),
         }
+        self._credentials = (
+            Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN"))
+            if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")
+            else None
+        )
         self._store = S3Store(
             loc.bucket,
             prefix=loc.prefix or None,
@@ -352,6 +374,63 @@ class S3Storage:
         if keys:
             with self._errors("delete", keys[0]):
                 obstore.delete(self._store, keys)
+
+    def incomplete_uploads(self, prefix: str) -> Uploads:
+        """(key, upload id) of every multipart upload started under prefix and neither completed nor
+        aborted. A call obstore does not offer: signed here (keys from the environment only)."""
+        out: Uploads = []
+        markers: dict[str, str] = {}
+        while True:
+            query = {"uploads": "", "prefix": join(self.location.prefix, prefix).lstrip("/"), **markers}
+            page = self._request("GET", "", query)
+            uploads, markers = parse_uploads(page)
+            out += [(key[len(self.location.prefix) :].lstrip("/"), upload_id) for key, upload_id in uploads]
+            if not markers:
+                return out
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort what incomplete_uploads finds: parts of a killed writer, invisible to listing but
+        stored (and billed) until aborted. Best effort: without keys in the environment, or refused,
+        it logs and leaves them to the bucket's lifecycle rule (AbortIncompleteMultipartUpload)."""
+        if self._credentials is None:
+            log.info("unfinished multipart uploads under %s not checked: no AWS keys in the environment", self.uri)
+            return 0
+        try:
+            uploads = self.incomplete_uploads(prefix)
+            for key, upload_id in uploads:
+                self._request("DELETE", join(self.location.prefix, key).lstrip("/"), {"uploadId": upload_id})
+        except (OSError, ElementTree.ParseError) as e:
+            log.warning("could not abort unfinished multipart uploads under %s: %s", self.uri, e)
+            return 0
+        if uploads:
+            log.info("aborted %d unfinished multipart upload(s) under %s", len(uploads), join(self.uri, prefix))
+        return len(uploads)
+
+    def _request(self, method: str, key: str, query: Mapping[str, str]) -> bytes:
+        """One signed path-style request for `key` in the bucket (the bucket itself for "")."""
+        assert self._credentials is not None
+        loc = self.location
+        path = "/" + urllib.parse.quote(f"{loc.bucket}/{key}" if key else loc.bucket, safe="/-_.~")
+        url = f"{loc.endpoint.rstrip('/')}{path}?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
+        headers = sign(method, url, body=b"", credentials=self._credentials, region=loc.region)
+        request = urllib.request.Request(url, method=method, headers=headers)
+        with urllib.request.urlopen(request, timeout=self.options.request_timeout_seconds) as response:
+            return bytes(response.read())
+
+
+def parse_uploads(xml: bytes) -> tuple[Uploads, dict[str, str]]:
+    """(key, upload id) pairs of a ListMultipartUploads answer, and the markers of the next page
+    (empty on the last one)."""
+    root = ElementTree.fromstring(xml)
+
+    def text(element: ElementTree.Element, name: str) -> str:
+        found = next((c for c in element if c.tag.rsplit("}", 1)[-1] == name), None)
+        return (found.text or "") if found is not None else ""
+
+    uploads = [(text(u, "Key"), text(u, "UploadId")) for u in root if u.tag.rsplit("}", 1)[-1] == "Upload"]
+    if text(root, "IsTruncated") != "true":
+        return uploads, {}
+    return uploads, {"key-marker": text(root, "NextKeyMarker"), "upload-id-marker": text(root, "NextUploadIdMarker")}
 
 
 def open_storage(uri: str, options: StorageOptions | None = None, *, field: str | None = None) -> Storage:

@@ -258,3 +258,30 @@ def test_sigterm_past_the_grace_budget_leaves_no_manifest(
         stopped = jobrun.finish(proc, tmp_path, expect=21, timeout=60)
     assert stopped["phase"] == "Preempted" and "not committed within the grace budget" in stopped["message"]
     assert committed(s3, bucket) == []
+
+
+def test_unfinished_multipart_uploads_are_aborted_at_resume(s3: Any, bucket: str, tmp_path: Path) -> None:
+    """A writer killed mid multipart upload leaves parts that no listing shows; the next start aborts
+    those under its checkpoint location, and only those."""
+    import urllib.parse
+
+    from kubetune_job.checkpoints import CheckpointStore
+    from kubetune_job.storage import S3Storage, StorageOptions
+
+    def start_upload(key: str) -> None:
+        status, body = s3.request("POST", f"/{bucket}/{key}", query="uploads")
+        found = re.search(rb"<UploadId>([^<]+)</UploadId>", body)
+        assert status == 200 and found, body
+        query = f"partNumber=1&uploadId={urllib.parse.quote(found.group(1).decode(), safe='')}"
+        assert s3.request("PUT", f"/{bucket}/{key}", query=query, body=secrets.token_bytes(1 << 20))[0] == 200
+
+    start_upload("runs/tiny/checkpoint-30/optimizer.pt")
+    start_upload("models/tiny/model.safetensors")  # another location's: not the checkpoints' to touch
+    storage = S3Storage(f"s3://{bucket}/runs/tiny/", StorageOptions(), env=s3.env())
+    assert [key for key, _ in storage.incomplete_uploads("checkpoint-")] == ["checkpoint-30/optimizer.pt"]
+    assert objects(s3, bucket, "runs/tiny/") == {}  # invisible to listing
+
+    assert CheckpointStore(storage, keep=2).resume(tmp_path) is None
+    assert storage.incomplete_uploads("checkpoint-") == []
+    output = S3Storage(f"s3://{bucket}/models/tiny/", StorageOptions(), env=s3.env())
+    assert [key for key, _ in output.incomplete_uploads("")] == ["model.safetensors"]

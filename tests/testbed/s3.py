@@ -6,26 +6,23 @@ the port range), and the filer's and gateway's local sockets live in the temp di
 authenticates with AWS Signature V4 against one admin identity from an S3 config file, so clients
 use the same credentials path as against any S3 service.
 
-:meth:`SeaweedS3.create_bucket` signs its request with :func:`sigv4_headers` (the test bed uses no
-AWS SDK: botocore pins python-dateutil below what the kubernetes client needs).
+:meth:`SeaweedS3.request` signs with the job's own SigV4 signer (the test bed uses no AWS SDK:
+botocore pins python-dateutil below what the kubernetes client needs).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import hmac
 import json
 import secrets
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune_job.sigv4 import Credentials, sign
 from tests.testbed import binaries, processes
 
 REGION = "us-east-1"
@@ -147,12 +144,11 @@ class SeaweedS3:
         if status not in (204, 404):
             raise RuntimeError(f"deleting bucket {name}: HTTP {status}: {body.decode(errors='replace')}")
 
-    def request(self, method: str, path: str, *, body: bytes = b"") -> tuple[int, bytes]:
+    def request(self, method: str, path: str, *, query: str = "", body: bytes = b"") -> tuple[int, bytes]:
         """One signed request to the gateway; returns the status and body, whatever the status."""
-        url = self.endpoint + urllib.parse.quote(path)
-        headers = sigv4_headers(
-            method, url, body=body, access_key=self.access_key, secret_key=self.secret_key, region=self.region
-        )
+        url = self.endpoint + urllib.parse.quote(path) + (f"?{query}" if query else "")
+        credentials = Credentials(self.access_key, self.secret_key)
+        headers = sign(method, url, body=body, credentials=credentials, region=self.region)
         request = urllib.request.Request(url, data=body if body else None, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -196,50 +192,3 @@ def _write_identities(path: Path, *, access_key: str, secret_key: str) -> Path:
     path.write_text(json.dumps(config, indent=2))
     path.chmod(0o600)
     return path
-
-
-def _hmac(key: bytes, message: str) -> bytes:
-    return hmac.new(key, message.encode(), hashlib.sha256).digest()
-
-
-def sigv4_headers(
-    method: str,
-    url: str,
-    *,
-    body: bytes,
-    access_key: str,
-    secret_key: str,
-    region: str,
-    now: dt.datetime | None = None,
-) -> dict[str, str]:
-    """Headers that sign one S3 request with AWS Signature Version 4 (header form, signed payload).
-
-    ``url`` must already be percent-encoded; its query string, if any, is canonicalized here.
-    """
-    parts = urllib.parse.urlsplit(url)
-    stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%SZ")
-    payload_hash = hashlib.sha256(body).hexdigest()
-    headers = {"host": parts.netloc, "x-amz-content-sha256": payload_hash, "x-amz-date": stamp}
-    signed = ";".join(sorted(headers))
-    query = sorted(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    canonical = "\n".join(
-        [
-            method,
-            parts.path or "/",
-            urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="-_.~"),
-            "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
-            signed,
-            payload_hash,
-        ]
-    )
-    scope = f"{stamp[:8]}/{region}/s3/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(_hmac(_hmac(_hmac(f"AWS4{secret_key}".encode(), stamp[:8]), region), "s3"), "aws4_request")
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    authorization = f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed}, Signature={signature}"
-    return {**_title(headers), "Authorization": authorization}
-
-
-def _title(headers: Mapping[str, str]) -> dict[str, str]:
-    """Header names as HTTP clients write them (the signature uses the lower-case form)."""
-    return {"-".join(w.capitalize() for w in k.split("-")): v for k, v in headers.items() if k != "host"}

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
-from kubetune_job.storage import MAX_PARTS, StorageOptions, classify, part_size, resolve_s3, short_reason
+from kubetune_job.sigv4 import Credentials, sign
+from kubetune_job.storage import (
+    MAX_PARTS,
+    StorageOptions,
+    classify,
+    parse_uploads,
+    part_size,
+    resolve_s3,
+    short_reason,
+)
 
 DENIED_XML = (
     "Generic S3 error: Error performing list request: Error performing GET http://127.0.0.1:9000/b?list-type=2 "
@@ -89,3 +100,33 @@ def test_part_size_grows_so_no_upload_needs_more_than_the_s3_part_limit() -> Non
     big = 600 * 10**9  # one optimizer file of a large model
     size = part_size(big, 16 * mib)
     assert size % mib == 0 and -(-big // size) <= MAX_PARTS and size - mib < -(-big // MAX_PARTS)
+
+
+def test_sigv4_matches_the_examples_aws_documents() -> None:
+    """The two header-signed GET examples of AWS's Signature Version 4 documentation."""
+    credentials = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    now = dt.datetime(2013, 5, 24, tzinfo=dt.UTC)
+    expected = {
+        "/?lifecycle": "fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543",
+        "/?max-keys=2&prefix=J": "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7",
+    }
+    for path, signature in expected.items():
+        url = "https://examplebucket.s3.amazonaws.com" + path
+        headers = sign("GET", url, body=b"", credentials=credentials, region="us-east-1", now=now)
+        assert headers["Authorization"].endswith(f"Signature={signature}")
+        assert headers["X-Amz-Date"] == "20130524T000000Z"
+
+
+def test_unfinished_uploads_are_read_page_by_page() -> None:
+    ns = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
+    page = (
+        f"<ListMultipartUploadsResult {ns}><Bucket>b</Bucket><IsTruncated>true</IsTruncated>"
+        "<NextKeyMarker>run/checkpoint-2/b</NextKeyMarker><NextUploadIdMarker>u2</NextUploadIdMarker>"
+        "<Upload><Key>run/checkpoint-2/a</Key><UploadId>u1</UploadId></Upload>"
+        "<Upload><Key>run/checkpoint-2/b</Key><UploadId>u2</UploadId></Upload></ListMultipartUploadsResult>"
+    ).encode()
+    uploads, markers = parse_uploads(page)
+    assert uploads == [("run/checkpoint-2/a", "u1"), ("run/checkpoint-2/b", "u2")]
+    assert markers == {"key-marker": "run/checkpoint-2/b", "upload-id-marker": "u2"}
+    last = f"<ListMultipartUploadsResult {ns}><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>"
+    assert parse_uploads(last.encode()) == ([], {})
