@@ -79,5 +79,5 @@ def test_quickstart_example_learns_offline(tmp_path: Path) -> None:
     done = subprocess.run([*cmd, "--workdir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "quickstart" / "summary.json").read_text())
-    assert summary["metrics"]["evalAccuracy"] >= 0.75  # the majority class is 0.6
+    assert summary["metrics"]["evalAccuracy"] >= 0.85  # the majority class is 0.6; 0.895-0.905 over 3 seeds
     assert "evalAccuracy" in done.stdout and (tmp_path / "quickstart" / "model" / "model.safetensors").is_file()
