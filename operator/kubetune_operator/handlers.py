@@ -108,7 +108,11 @@ class Cluster:
         """The message of the Job's newest FailedCreate Event: why the Job controller cannot create a pod."""
         meta = job["metadata"]
         selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
-        response = self.core.list_namespaced_event(namespace, field_selector=selector, _preload_content=False)
+        try:
+            response = self.core.list_namespaced_event(namespace, field_selector=selector, _preload_content=False)
+        except ApiException as e:  # a missing explanation must not stop the round (an older Role: no events list)
+            log.warning("cannot read the Events of Job %s/%s: %s", namespace, meta["name"], e.reason)
+            return None
         events = self._raw(response).get("items") or []
         if not events:
             return None
