@@ -263,15 +263,16 @@ class S3Storage:
         self.location = loc = resolve_s3(uri, options, env)
         # Keys from the environment (in a pod: the Secret spec.storage.credentialsSecret names);
         # without them obstore falls back to web identity, container or instance credentials.
-        keys = {
-            "access_key_id": env.get("AWS_ACCESS_KEY_ID"),
-            "secret_access_key": env.get("AWS_SECRET_ACCESS_KEY"),
-            "session_token": env.get("AWS_SESSION_TOKEN"),
-        }
         self._credentials = (
             Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN"))
             if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")
             else None
+        )
+        c = self._credentials
+        keys = (
+            {"access_key_id": c.access_key, "secret_access_key": c.secret_key, "session_token": c.session_token}
+            if c
+            else {}
         )
         self._store = S3Store(
             loc.bucket,

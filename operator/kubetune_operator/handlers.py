@@ -282,10 +282,12 @@ class Indices:
 def finetunejob_changed(body: Any, namespace: str, name: str, uid: str, type: str | None, **kwargs: Any) -> None:
     """Every FineTuneJob event (the initial listing too) reconciles it. No kopf bookkeeping is written:
     children exist or not (the Job index says which), and status holds the rest."""
+    indices = Indices.of(kwargs)
     if type == "DELETED":
-        deleted(namespace, name, uid, Indices.of(kwargs))
+        deleted(namespace, name, uid, indices)
     else:
-        reconcile(plain(body), Indices.of(kwargs))
+        # kopf indexes an event before handling it: the index holds this body, already trimmed and copied.
+        reconcile(indices.first(indices.finetunejobs, (namespace, name)) or plain(body), indices)
 
 
 def reconcile(ftj: dict[str, Any], indices: Indices) -> None:

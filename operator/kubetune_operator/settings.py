@@ -39,7 +39,7 @@ class OperatorSettings(BaseSettings):
         16,
         ge=1,
         le=256,
-        description="Objects handled at once per watched kind: kopf workers, handler threads and API connections.",
+        description="Handler threads, and with them the API client's kept-alive connections.",
     )
     metrics_port: int = Field(8080, description="Port of the operator's own /metrics.")
     termination_grace_seconds: int = Field(
