@@ -190,11 +190,14 @@ def test_a_permanent_error_of_rank0_is_the_pod_exit_code(tiny: dict[str, Path], 
 
 
 AGREE = """
+import sys
+from pathlib import Path
 import torch.distributed as dist
 from kubetune_job.distributed import any_rank, from_main, rank
 dist.init_process_group("gloo")
 agreed = any_rank(rank() == 1), any_rank(False), from_main(f"from {rank()}")
-print(f"rank {rank()}: any {agreed[0]} none {agreed[1]} main {agreed[2]}", flush=True)
+# One file per rank: two processes printing to one pipe can interleave their lines.
+Path(sys.argv[1], f"rank-{rank()}").write_text(f"any {agreed[0]} none {agreed[1]} main {agreed[2]}")
 dist.destroy_process_group()
 """
 
@@ -203,9 +206,10 @@ def test_processes_agree_on_a_flag_and_on_rank0_value(tmp_path: Path) -> None:
     """any_rank is true everywhere when one process says so; from_main hands every process rank 0's value."""
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd = [*run, str(script), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "job")}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
-    assert lines == ["rank 0: any True none False main from 0", "rank 1: any True none False main from 0"]
+    results = {path.name: path.read_text() for path in tmp_path.glob("rank-*")}
+    assert results == {"rank-0": "any True none False main from 0", "rank-1": "any True none False main from 0"}
