@@ -36,7 +36,7 @@ from .crd import GROUP, PLURAL, VERSION
 from .manifests import FTJ_LABEL, InvalidSpec, Owner, children, desired_suspend
 from .progress import delete_group, parse_groups, read_groups
 from .settings import OperatorSettings
-from .status import derive, invalid, job_view, pod_view
+from .status import derive, invalid, job_view, newest_create_failure, parse_time, pod_view
 
 log = logging.getLogger(__name__)
 SETTINGS = OperatorSettings()
@@ -105,7 +105,7 @@ class Cluster:
             log.warning("cannot post the %s Event of %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason)
 
     def create_failure(self, namespace: str, job: dict[str, Any]) -> str | None:
-        """The message of the Job's newest FailedCreate Event: why the Job controller cannot create a pod."""
+        """Why the Job controller cannot create a pod: its newest FailedCreate Event since the Job started."""
         meta = job["metadata"]
         selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
         try:
@@ -113,11 +113,7 @@ class Cluster:
         except ApiException as e:  # a missing explanation must not stop the round (an older Role: no events list)
             log.warning("cannot read the Events of Job %s/%s: %s", namespace, meta["name"], e.reason)
             return None
-        events = self._raw(response).get("items") or []
-        if not events:
-            return None
-        newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-        return newest.get("message") or None
+        return newest_create_failure(self._raw(response).get("items") or [], job)
 
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
@@ -463,7 +459,7 @@ def _ticker() -> None:
 
 
 def _age(stamp: str) -> float:
-    return (datetime.now(UTC) - datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)).total_seconds()
+    return (datetime.now(UTC) - parse_time(stamp)).total_seconds()
 
 
 def deleted(namespace: str, name: str, uid: str, indices: Indices) -> None:

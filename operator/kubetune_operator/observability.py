@@ -12,6 +12,8 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .status import parse_time
+
 RECONCILES = Counter("kubetune_operator_reconciles_total", "FineTuneJob reconciles, by result.", ["result"])
 RECONCILE_SECONDS = Histogram(
     "kubetune_operator_reconcile_duration_seconds",
@@ -69,5 +71,4 @@ def transition(ftj: dict[str, Any], old: str | None, new: str) -> None:
     if new == "Running" and old != "Running":
         created = ftj["metadata"].get("creationTimestamp")
         if created:
-            born = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-            TIME_TO_RUNNING.observe((datetime.now(UTC) - born).total_seconds())
+            TIME_TO_RUNNING.observe((datetime.now(UTC) - parse_time(created)).total_seconds())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError")
@@ -86,6 +87,21 @@ def waiting(pods: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
             if w.get("reason") in WAITING_REASONS:
                 return w["reason"], w.get("message", "")
     return None
+
+
+def parse_time(stamp: str) -> datetime:
+    """A Kubernetes timestamp (RFC 3339, seconds or microseconds, UTC) as an aware datetime."""
+    return datetime.fromisoformat(stamp).astimezone(UTC)
+
+
+def newest_create_failure(events: Sequence[dict[str, Any]], job: dict[str, Any]) -> str | None:
+    """The message of the newest of a Job's FailedCreate Events that is not older than the Job's
+    startTime. The Job controller sets startTime anew on every resume, so an Event from before it
+    tells of a refusal that may long be over."""
+    since = (job.get("status") or {}).get("startTime")
+    dated = [(e.get("lastTimestamp") or e.get("eventTime"), e.get("message")) for e in events]
+    fresh = [(parse_time(t), m) for t, m in dated if t and m and (since is None or parse_time(t) >= parse_time(since))]
+    return max(fresh)[1] if fresh else None
 
 
 def create_failure_reason(message: str) -> str:

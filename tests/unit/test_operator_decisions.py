@@ -11,7 +11,7 @@ from kubetune_job.spec import parse_manifest
 from kubetune_operator.crd import crd, spec_schema
 from kubetune_operator.manifests import InvalidSpec, Owner, children, desired_suspend
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.status import derive, phase_of
+from kubetune_operator.status import derive, newest_create_failure, phase_of
 from tests.unit.test_spec import GOOD
 
 OWNER = Owner("bert-mrpc", "ml", "uid-1")
@@ -227,3 +227,17 @@ def test_progress_is_read_from_the_jobs_pushgateway_group() -> None:
     assert (got["step"], got["totalSteps"], got["percent"], got["etaSeconds"]) == (459, 1377, 33, 140)
     assert got["metrics"] == {"trainLoss": 0.33, "evalAccuracy": 0.855} and got["lastCheckpoint"] == {"step": 459}
     assert parse_groups([other], "ml", "bert") is None
+
+
+def test_a_refusal_from_before_the_job_last_started_is_not_reported() -> None:
+    """Only FailedCreate Events since the Job's startTime (set anew at each resume) explain a wait; the
+    newest wins, whether it carries a lastTimestamp or only an eventTime."""
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {"startTime": "2026-11-27T10:00:00Z"}}
+    old = {"lastTimestamp": "2026-11-27T09:59:59Z", "message": "exceeded quota: before the resume"}
+    same_second = {"eventTime": "2026-11-27T10:00:00.250000Z", "message": "exceeded quota: now"}
+    later = {"lastTimestamp": "2026-11-27T10:00:05Z", "message": "exceeded quota: newest"}
+    assert newest_create_failure([old], job) is None
+    assert newest_create_failure([old, same_second], job) == "exceeded quota: now"
+    assert newest_create_failure([later, old, same_second], job) == "exceeded quota: newest"
+    assert newest_create_failure([old], {**job, "status": {}}) == "exceeded quota: before the resume"
+    assert newest_create_failure([], job) is None
