@@ -14,12 +14,13 @@ from kubetune_job.spec import API_VERSION, KIND, FineTuneJobSpec
 from kubetune_job.storage import join
 
 from .settings import OperatorSettings
+from .status import COMPLETION_INDEX
 
 CONTAINER = "trainer"
 FTJ_LABEL = "kubetune.io/finetunejob"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune"}
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+NODE_RANK_FIELD = f"metadata.annotations['{COMPLETION_INDEX}']"
 SCRATCH = {"tmp": "/tmp", "cache": "/cache", "dshm": "/dev/shm"}
 
 
@@ -119,7 +120,7 @@ def environment(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings)
     if spec.resources.nodes > 1:
         env += [
             {"name": "KUBETUNE_NNODES", "value": str(spec.resources.nodes)},
-            {"name": "KUBETUNE_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+            {"name": "KUBETUNE_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": NODE_RANK_FIELD}}},
             {"name": "KUBETUNE_MASTER_ADDR", "value": f"{owner.name}-0.{service_name(owner)}"},
             {"name": "KUBETUNE_MASTER_PORT", "value": str(settings.master_port)},
         ]

@@ -14,6 +14,8 @@ CONDITION_TYPES = ("Created", "Running", "Suspended", "Succeeded", "Failed")
 #: Why the Job controller could not create a pod (its FailedCreate Event): a ResourceQuota, or anything else
 #: the API server refused (a LimitRange, Pod Security admission...).
 CREATE_FAILURES = ("QuotaExceeded", "FailedCreate")
+#: The pod annotation that holds an Indexed Job pod's completion index: its node rank.
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 def _true(conditions: Sequence[dict[str, Any]] | None, kind: str) -> dict[str, Any] | None:
@@ -191,7 +193,15 @@ def pod_view(pod: dict[str, Any]) -> dict[str, Any]:
     """The fields of a pod that derive() reads: what the operator keeps in memory per pod."""
     meta = pod.get("metadata") or {}
     keep = ("name", "uid", "creationTimestamp", "deletionTimestamp")
-    return {"metadata": {k: meta[k] for k in keep if k in meta}, "status": pod.get("status") or {}}
+    view = {k: meta[k] for k in keep if k in meta}
+    if index := (meta.get("annotations") or {}).get(COMPLETION_INDEX):
+        view["annotations"] = {COMPLETION_INDEX: index}
+    return {"metadata": view, "status": pod.get("status") or {}}
+
+
+def _leads(pod: dict[str, Any]) -> bool:
+    """Whether the pod is node 0's: an Indexed Job pod of completion index 0, or a single-node job's pod."""
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX, "0") == "0"
 
 
 def derive(
@@ -240,7 +250,9 @@ def derive(
         status["failures"] = seen
     if restarts:
         status["lastRestartReason"] = seen[-2 if phase == "Failed" and len(seen) > 1 else -1]["reason"]
-    final = next((s for p in reversed(ordered) if (s := summary_of(p))), None)
+    # The run's summary is node 0's (rank 0 writes it); other nodes' pods report only that they ended.
+    leading = sorted(ordered, key=_leads)
+    final = next((s for p in reversed(leading) if (s := summary_of(p))), None)
     progress = dict(progress or {})
     live = progress.pop("metrics", None)
     if checkpoint := progress.pop("lastCheckpoint", None) or previous.get("lastCheckpoint"):

@@ -11,7 +11,7 @@ from kubetune_job.spec import parse_manifest
 from kubetune_operator.crd import crd, spec_schema
 from kubetune_operator.manifests import InvalidSpec, Owner, children, desired_suspend
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.status import derive, newest_create_failure, phase_of
+from kubetune_operator.status import COMPLETION_INDEX, derive, newest_create_failure, phase_of, pod_view
 from tests.unit.test_spec import GOOD
 
 OWNER = Owner("bert-mrpc", "ml", "uid-1")
@@ -203,6 +203,28 @@ def test_succeeded_status_takes_metrics_from_the_summary() -> None:
     st = derive(job=job, pods=[done], metrics=["accuracy", "f1"], generation=2, previous={}, now=NOW)
     assert st["phase"] == "Succeeded" and st["eval"] == "accuracy=0.9000" and st["outputUri"] == "s3://b/m/"
     assert st["progress"]["percent"] == 100 and st["observedGeneration"] == 2
+
+
+def test_a_multi_node_run_takes_its_summary_from_node_0() -> None:
+    """An Indexed Job's other nodes end with a short note; the status comes from node 0's summary, even
+    when another node's pod is newer (as kept by pod_view, which keeps the completion index)."""
+    summary = {"phase": "Succeeded", "finalStep": 50, "totalSteps": 50, "outputUri": "s3://b/m/"}
+    note = {"phase": "Succeeded", "message": "node 1: the summary is node 0's"}
+
+    def node(index: str, created: str, message: dict[str, Any]) -> dict[str, Any]:
+        done = pod(
+            "Succeeded",
+            created=created,
+            containerStatuses=[{"state": {"terminated": {"exitCode": 0, "message": json.dumps(message)}}}],
+        )
+        done["metadata"]["annotations"] = {COMPLETION_INDEX: index, "other": "dropped"}
+        return pod_view(done)
+
+    pods = [node("0", "2026-01-01T00:00:00Z", summary), node("1", "2026-01-01T00:00:01Z", note)]
+    assert pods[1]["metadata"]["annotations"] == {COMPLETION_INDEX: "1"}
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    st = derive(job=job, pods=pods, metrics=["accuracy"], generation=1, previous={}, now=NOW)
+    assert st["outputUri"] == "s3://b/m/" and st["progress"]["step"] == st["progress"]["totalSteps"] == 50
 
 
 def test_progress_is_read_from_the_jobs_pushgateway_group() -> None:
