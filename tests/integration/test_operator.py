@@ -334,3 +334,21 @@ def test_two_nodes_make_an_indexed_job_and_a_headless_service(control_plane: Any
     assert env["KUBETUNE_NNODES"]["value"] == "2" and env["KUBETUNE_NPROC_PER_NODE"]["value"] == "4"
     assert env["KUBETUNE_MASTER_ADDR"]["value"] == "wide-0.wide-workers"
     assert "job-completion-index" in env["KUBETUNE_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+
+
+def test_two_nodes_train_as_one_run(control_plane: Any, run: Any, namespace: str) -> None:
+    """nodes: 2 runs for real: both pods rendezvous at pod 0's name (the test kubelet stands in for
+    cluster DNS), train one DistributedDataParallel run that splits the data, and the Job succeeds."""
+    doc = run("pair", resources={"nodes": 2, "gpus": 1})
+    st = wait_phase(control_plane, namespace, "pair", "Succeeded", timeout=360)
+    # 800 examples, 8 per process, 2 processes: 50 steps (one process alone would take 100).
+    assert st["progress"].get("totalSteps") == st["progress"].get("step") == 50, json.dumps(st, indent=1)
+    assert "evalAccuracy" in st["metrics"] and st["outputUri"] == doc["spec"]["output"]["uri"], st
+    assert (Path(doc["spec"]["output"]["uri"]) / "model.safetensors").is_file()
+    done = {
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p
+        for p in pods(control_plane, namespace, "pair")
+    }
+    assert sorted(done) == ["0", "1"] and all(p["status"]["phase"] == "Succeeded" for p in done.values())
+    node1 = json.loads(done["1"]["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    assert node1["message"] == "node 1: the summary is node 0's"

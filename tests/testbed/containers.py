@@ -10,6 +10,11 @@ volume mount, the termination-message file and ``/tmp``. The mapping is applied 
 mapped paths wherever they appear as a path in env values, command words, arguments and the
 working directory (see :class:`PathMap`). Pass paths to a pod through env or args and they land
 in the pod's directory; a path the program builds itself from other pieces is not rewritten.
+
+There is no cluster DNS either. Every pod runs on this host, so the one name a pod can need for a
+peer, a pod record of its own headless Service (``<hostname>.<subdomain>``, optionally followed by
+``.<namespace>.svc[.cluster.local]``), is rewritten to the pod address where it is an env value
+(see :func:`resolve_peer`).
 """
 
 from __future__ import annotations
@@ -65,6 +70,19 @@ class PathMap:
         alternatives = "|".join(re.escape(c) for c, _ in self.pairs)
         pattern = re.compile(f"{_BEFORE}(?:{alternatives}){_AFTER}")
         return pattern.sub(lambda m: hosts[m.group(0)], value)
+
+
+# --- cluster DNS, for a pod's peers
+
+
+def resolve_peer(value: str, pod: k8s.V1Pod) -> str:
+    """``value`` as the pod's address when it names a pod of the pod's own subdomain, else unchanged."""
+    subdomain, namespace = pod.spec.subdomain, pod.metadata.namespace
+    if not subdomain:
+        return value
+    suffix = rf"(?:\.{re.escape(namespace)}(?:\.svc(?:\.cluster\.local)?)?)?"
+    peer = re.fullmatch(rf"[a-z0-9]([-a-z0-9]*[a-z0-9])?\.{re.escape(subdomain)}{suffix}", value)
+    return POD_IP if peer else value
 
 
 # --- $(VAR) expansion, as the kubelet does for env values, command and args

@@ -408,7 +408,9 @@ class PodWorker:
         # Only what the pod spec says is a container path. Host paths the kubelet supplies itself (the
         # interpreter, the base env: HOME, PYTHONPATH...) stay as they are, even when the host's
         # checkout or test directory lives under /tmp, which the pod's /tmp would otherwise capture.
-        env = {k: v if base.get(k) == v else paths.rewrite(v) for k, v in env.items()}
+        env = {
+            k: v if base.get(k) == v else containers.resolve_peer(paths.rewrite(v), self.pod) for k, v in env.items()
+        }
         env["KUBETUNE_SUMMARY_PATH"] = str(run.message_path)
         argv = images.command_line(spec.image, spec.command, spec.args, self.kubelet.image_table)
         argv = [w if w == images.PYTHON else paths.rewrite(containers.expand(w, env)) for w in argv]
