@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .errors import StorageUnavailable
 from .storage import ObjectInfo, Storage, sha256_file, upload_dir, walk_files
 
 log = logging.getLogger(__name__)
@@ -137,15 +138,30 @@ class CheckpointStore:
     def fetch_latest(self, into: Path) -> int | None:
         """Download the newest checkpoint that verifies into `into`/checkpoint-N; return N."""
         for c in self.committed():
-            local = into / checkpoint_dir(c.step)
-            shutil.rmtree(local, ignore_errors=True)
-            bad = self._download_verified(c, local)
+            bad = self._fetch(c, into)
             if not bad:
                 return c.step
             self._warn(f"checkpoint-{c.step}: checksum mismatch in {', '.join(bad[:3])}; using an older one")
             self.rejected.add(c.step)
-            shutil.rmtree(local, ignore_errors=True)
+            shutil.rmtree(into / checkpoint_dir(c.step), ignore_errors=True)
         return None
+
+    def fetch(self, step: int, into: Path) -> None:
+        """Download checkpoint-`step`, chosen by another process (a multi-node run's other nodes fetch
+        the one rank 0 resumes from), into `into`/checkpoint-N. StorageUnavailable (retried) when it is
+        no longer committed or no longer verifies."""
+        chosen = next((c for c in self.committed() if c.step == step), None)
+        bad = self._fetch(chosen, into) if chosen else ["the manifest"]
+        if bad:
+            raise StorageUnavailable(
+                "checkpoints.uri",
+                f"checkpoint-{step}, which rank 0 resumes from, cannot be fetched: {', '.join(bad[:3])}",
+            )
+
+    def _fetch(self, c: Committed, into: Path) -> list[str]:
+        local = into / checkpoint_dir(c.step)
+        shutil.rmtree(local, ignore_errors=True)
+        return self._download_verified(c, local)
 
     def _download_verified(self, c: Committed, local: Path) -> list[str]:
         """Download the files the manifest lists into local; return those that fail their sha256."""

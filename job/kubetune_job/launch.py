@@ -6,9 +6,10 @@ With KUBETUNE_NPROC_PER_NODE > 1 (or KUBETUNE_NNODES > 1) and no LOCAL_RANK in t
 job as one rank of a DistributedDataParallel run (distributed.py says what a worker does differently).
 
 Exit codes are an API, and torchrun turns any worker failure into its own generic 1. So the workers
-write their summary to a private file (only rank 0 writes it), and the launcher exits with the code
-recorded there and copies the summary to KUBETUNE_SUMMARY_PATH (the termination message) itself: a
-permanent error of rank 0 stays permanent. The launcher imports neither torch nor transformers.
+write their summary to a private file (each node's first process writes it: rank 0 on node 0), and
+the launcher exits with the code recorded there and copies the summary to KUBETUNE_SUMMARY_PATH (the
+termination message) itself: a permanent error stays permanent, and a stop for preemption stays 21 on
+every node. The launcher imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .train import failure
 
 log = logging.getLogger(__name__)
 
-#: Where, under the work directory, rank 0 writes the summary that the launcher reads.
+#: Where, under the work directory, the node's first worker writes the summary that the launcher reads.
 WORKER_SUMMARY = "rank0-summary.json"
 #: Seconds torchrun lets workers finish after it forwards SIGTERM (a checkpoint commit can take a
 #: while); the pod's terminationGracePeriodSeconds is the real bound, so this one never cuts first.
@@ -78,21 +79,25 @@ def worker_environment(settings: JobSettings, environ: Mapping[str, str]) -> dic
     }
 
 
-def outcome(returncode: int, rank0: dict[str, Any] | None, *, node_rank: int) -> tuple[dict[str, Any], int]:
-    """The summary and exit code of the whole pod, from torchrun's exit code and rank 0's summary (pure)."""
-    if rank0 is not None:
-        succeeded = rank0.get("phase") == "Succeeded"
-        code = ExitCode.SUCCEEDED if succeeded else int(rank0.get("exitCode", ExitCode.RETRYABLE))
-        if code == ExitCode.SUCCEEDED and returncode != 0:
-            log.warning("rank 0 succeeded but torchrun exited with %d; its summary decides", returncode)
-        return rank0, code
-    if returncode == 0 and node_rank > 0:
-        return {"phase": "Succeeded", "message": f"node {node_rank}: the summary is node 0's"}, ExitCode.SUCCEEDED
-    if returncode:
-        message = f"a training process failed (torchrun exit code {returncode}) before rank 0 wrote a summary"
-    else:
-        message = "torchrun ended without a summary from rank 0"
-    return failure(ExitCode.RETRYABLE, "Error", f"{message}; see the pod log"), ExitCode.RETRYABLE
+def outcome(returncode: int, first: dict[str, Any] | None, *, node_rank: int) -> tuple[dict[str, Any], int]:
+    """The summary and exit code of the whole pod, from torchrun's exit code and the summary of this
+    node's first worker (rank 0's on node 0), pure. Another node's success says only that it ended: the
+    run's summary is node 0's. Its failures keep their own code, so a stop for preemption agreed with a
+    preempted peer stays exit code 21 there too."""
+    if first is None:
+        if returncode:
+            message = f"a training process failed (torchrun exit code {returncode}) before writing a summary"
+        else:
+            message = "torchrun ended without a summary from the first process"
+        return failure(ExitCode.RETRYABLE, "Error", f"{message}; see the pod log"), ExitCode.RETRYABLE
+    code = ExitCode.SUCCEEDED if first.get("phase") == "Succeeded" else int(first.get("exitCode", ExitCode.RETRYABLE))
+    if code != ExitCode.SUCCEEDED:
+        return first, code
+    if returncode != 0:
+        log.warning("the first process succeeded but torchrun exited with %d; its summary decides", returncode)
+    if node_rank > 0:
+        return {"phase": "Succeeded", "message": f"node {node_rank}: the summary is node 0's"}, code
+    return first, code
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:
@@ -104,7 +109,7 @@ def read_summary(path: Path) -> dict[str, Any] | None:
 
 
 def launch(settings: JobSettings, environ: Mapping[str, str] = os.environ) -> int:
-    """Run the job as nproc_per_node torchrun workers; return rank 0's exit code."""
+    """Run the job as nproc_per_node torchrun workers; return the exit code of this node's first one."""
     try:
         argv = torchrun_argv(settings)
     except ConfigError as e:

@@ -175,7 +175,10 @@ def run(
         global_batch(hp, processes=args.world_size), hp.batch_size, args.world_size, hp.gradient_accumulation_steps,
     )  # fmt: skip
 
-    resumed = from_main(store.resume(staging) if is_main() else None)  # rank 0 fetches, all resume
+    resumed = from_main(store.resume(staging) if is_main() else None)  # rank 0 chooses and fetches
+    with local_main_first():  # every other node fetches the same checkpoint once for its processes
+        if resumed is not None and is_local_main() and not is_main():
+            store.fetch(resumed, staging)
     if resumed is not None:
         log.info("resuming from checkpoint-%d of %s", resumed, checkpoints_uri)
     account = RunAccount()
@@ -270,9 +273,11 @@ def execute(
     console_logs: bool = True,
 ) -> int:
     """Run the job to an exit code, writing the summary whatever happens (and pushing it as metrics)."""
-    from .distributed import is_main
+    from .distributed import is_local_main, is_main
 
-    main = is_main()  # under torchrun, rank 0 alone pushes metrics and writes the summary
+    main = is_main()  # under torchrun, rank 0 alone pushes metrics
+    # and each node's first process writes the summary its launcher reads (rank 0's is the run's).
+    writes_summary = main or is_local_main()
     metrics = None
     if settings.pushgateway_url and main:
         from .prometheus import start as start_metrics
@@ -307,7 +312,7 @@ def execute(
         log.error("%s: %s", summary["reason"], summary["message"])
     if metrics is not None:
         summary["metricsPushFailures"] = metrics.failures
-    if main:
+    if writes_summary:
         write_summary(settings.summary_path, summary)
     if metrics is not None:  # after the summary: a hung gateway must not eat a preempted pod's grace period
         metrics.finish(summary)

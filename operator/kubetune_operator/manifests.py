@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune_job.errors import PERMANENT_EXIT_CODES
+from kubetune_job.errors import PERMANENT_EXIT_CODES, ExitCode
 from kubetune_job.spec import API_VERSION, KIND, FineTuneJobSpec
 from kubetune_job.storage import join
 
@@ -205,20 +205,20 @@ def pod_template(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings
 
 
 def failure_policy() -> dict[str, Any]:
-    """Preemption never counts; the job's permanent exit codes fail the Job at once."""
+    """Preemption never counts; the job's permanent exit codes fail the Job at once. Exit code 21 is a
+    pod that stopped for preemption after committing a checkpoint: in a multi-node run, the other nodes'
+    pods stop with it (their ranks agree to stop together), without the DisruptionTarget condition."""
     return {
         "rules": [
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": CONTAINER,
-                    "operator": "In",
-                    "values": sorted(int(c) for c in PERMANENT_EXIT_CODES),
-                },
-            },
+            {"action": "FailJob", "onExitCodes": _trainer_exits(sorted(int(c) for c in PERMANENT_EXIT_CODES))},
+            {"action": "Ignore", "onExitCodes": _trainer_exits([int(ExitCode.PREEMPTED)])},
         ]
     }
+
+
+def _trainer_exits(codes: list[int]) -> dict[str, Any]:
+    return {"containerName": CONTAINER, "operator": "In", "values": codes}
 
 
 def job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from kubetune_job.errors import ExitCode
+
 WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError")
 CONDITION_TYPES = ("Created", "Running", "Suspended", "Succeeded", "Failed")
 #: Why the Job controller could not create a pod (its FailedCreate Event): a ResourceQuota, or anything else
@@ -44,10 +46,14 @@ def summary_of(pod: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def restart_reason(pod: dict[str, Any]) -> str:
-    """Why a pod ended in failure: Preempted, OOMKilled or Error."""
-    if _true(pod.get("status", {}).get("conditions"), "DisruptionTarget"):
-        return "Preempted"
+    """Why a pod ended in failure: Preempted (its own disruption, or the job's exit code for a stop it
+    agreed with a preempted peer), OOMKilled or Error."""
     state = _terminated(pod) or {}
+    if (
+        _true(pod.get("status", {}).get("conditions"), "DisruptionTarget")
+        or state.get("exitCode") == ExitCode.PREEMPTED
+    ):
+        return "Preempted"
     return "OOMKilled" if state.get("reason") == "OOMKilled" or state.get("exitCode") == 137 else "Error"
 
 

@@ -352,3 +352,26 @@ def test_two_nodes_train_as_one_run(control_plane: Any, run: Any, namespace: str
     assert sorted(done) == ["0", "1"] and all(p["status"]["phase"] == "Succeeded" for p in done.values())
     node1 = json.loads(done["1"]["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
     assert node1["message"] == "node 1: the summary is node 0's"
+
+
+def test_a_preempted_node_stops_the_run_and_it_resumes_without_a_retry(
+    control_plane: Any, kubelet: Any, run: Any, namespace: str
+) -> None:
+    """nodes: 2, node 1's pod preempted mid-training: every rank stops at the same step after a commit,
+    both pods are replaced, the run resumes from the checkpoint, and no retry is used."""
+    doc = run("pairs", resources={"nodes": 2, "gpus": 1}, hyperparameters={"epochs": 3}, runPolicy={"maxRetries": 0})
+    wait_for("a committed checkpoint", lambda: committed(doc), timeout=240, every=0.1)
+    node1 = next(
+        p["metadata"]["name"]
+        for p in pods(control_plane, namespace, "pairs")
+        if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"
+    )
+    kubelet.preempt(namespace, node1, grace=30)
+    st = wait_phase(control_plane, namespace, "pairs", "Succeeded", timeout=240)
+    assert st["progress"]["step"] == 150, json.dumps(st, indent=1)
+    assert st["restarts"] >= 1 and st["lastRestartReason"] == "Preempted", json.dumps(st, indent=1)
+    last = [p for p in pods(control_plane, namespace, "pairs") if p["status"]["phase"] == "Succeeded"]
+    assert len(last) == 2, [p["metadata"]["name"] for p in last]  # one of each index, both replaced
+    node0 = next(p for p in last if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
+    summary = json.loads(node0["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    assert summary["resumedFromStep"] >= 20 and summary["stepsThisRun"] == 150 - summary["resumedFromStep"]

@@ -62,6 +62,22 @@ def test_corrupt_checkpoint_falls_back_with_a_warning(tmp_path: Path) -> None:
     assert any("checksum mismatch" in w for w in store.warnings)
 
 
+def test_another_node_fetches_the_checkpoint_rank0_chose(tmp_path: Path) -> None:
+    """fetch(N) brings checkpoint-N (not the newest) byte for byte; one gone or altered is a retryable error."""
+    store = CheckpointStore(LocalStorage(str(tmp_path / "store")), keep=3)
+    for step in (10, 20):
+        store.commit(fake_checkpoint(tmp_path / "local", step), step)
+    store.fetch(10, tmp_path / "node1")
+    assert (tmp_path / "node1" / "checkpoint-10" / "model.safetensors").read_bytes() == b"w" * 110
+    assert not (tmp_path / "node1" / "checkpoint-20").exists()
+    with pytest.raises(StorageUnavailable, match="checkpoint-30"):
+        store.fetch(30, tmp_path / "node1")
+    weights = tmp_path / "store" / "checkpoint-20" / "model.safetensors"
+    weights.write_bytes(b"x" * weights.stat().st_size)
+    with pytest.raises(StorageUnavailable, match=r"model\.safetensors"):
+        store.fetch(20, tmp_path / "node1")
+
+
 def test_prune_never_touches_the_newest_or_the_one_being_written() -> None:
     """Leftovers older than the newest commit go; the newest and the in-flight one stay."""
     objects = [ObjectInfo(f"checkpoint-{s}/f", 1) for s in (5, 10, 20, 30, 40)]

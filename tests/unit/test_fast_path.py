@@ -193,22 +193,27 @@ def test_a_crash_before_any_summary_is_retried() -> None:
     assert code == ExitCode.RETRYABLE and summary["phase"] == "Failed" and "pod log" in summary["message"]
 
 
-def test_other_nodes_succeed_without_a_summary() -> None:
-    """Node 1 has no rank 0: torchrun's 0 is success there."""
-    _, code = launch.outcome(0, None, node_rank=1)
-    assert code == 0
+def test_other_nodes_report_their_own_code_but_not_the_runs_summary() -> None:
+    """Node 1's first process succeeded: exit 0 with a note, since the run's summary is node 0's. It stopped
+    because a peer was preempted: exit 21 like node 0, so the Job ignores it there too."""
+    summary, code = launch.outcome(0, {"phase": "Succeeded", "finalStep": 10}, node_rank=1)
+    assert code == 0 and summary == {"phase": "Succeeded", "message": "node 1: the summary is node 0's"}
+    stopped = {"phase": "Failed", "exitCode": 21, "reason": "Preempted", "message": "stopped by SIGTERM"}
+    assert launch.outcome(1, stopped, node_rank=1) == (stopped, ExitCode.PREEMPTED)
 
 
-def test_only_rank0_writes_the_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker of rank 1 fails like rank 0 but leaves the summary file to rank 0."""
+def test_only_each_nodes_first_process_writes_the_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 on rank 0's node fails like rank 0 but leaves the summary file to it; another node's first
+    process (local rank 0) writes its own, for its own launcher."""
     from kubetune_job.train import execute
 
     logging.getLogger("kubetune_job").setLevel(logging.CRITICAL)
     s = settings(tmp_path).model_copy(update={"spec": "not json"})
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert execute(s) == ExitCode.INVALID_CONFIG
     assert not s.summary_path.exists()
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     assert execute(s) == ExitCode.INVALID_CONFIG
     assert json.loads(s.summary_path.read_text())["reason"] == "InvalidConfig"
 

@@ -78,6 +78,11 @@ def test_failure_policy_ignores_preemption_and_fails_permanent_codes() -> None:
     rules = body["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [10, 11, 12, 13]
+    # A pod that stopped because its run was preempted (another node's pod, in a multi-node run).
+    assert rules[2] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [21]},
+    }
     assert body["backoffLimit"] == 5 and body["podReplacementPolicy"] == "Failed"
 
 
@@ -185,6 +190,12 @@ def test_preempted_pod_counts_as_a_restart_once() -> None:
         job=job, pods=[pod("Running", created="2026-01-02")], metrics=[], generation=1, previous=first, now=NOW
     )
     assert (first["restarts"], again["restarts"], again["lastRestartReason"]) == (1, 1, "Preempted")
+    # A node whose peer was preempted stops with the job's exit code 21, without DisruptionTarget.
+    stopped = pod("Failed", containerStatuses=[{"state": {"terminated": {"exitCode": 21}}}])
+    assert (
+        derive(job=job, pods=[stopped], metrics=[], generation=1, previous={}, now=NOW)["lastRestartReason"]
+        == "Preempted"
+    )
 
 
 def test_succeeded_status_takes_metrics_from_the_summary() -> None:
