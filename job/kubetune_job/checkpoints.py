@@ -151,11 +151,12 @@ class CheckpointStore:
         the one rank 0 resumes from), into `into`/checkpoint-N. StorageUnavailable (retried) when it is
         no longer committed or no longer verifies."""
         chosen = next((c for c in self.committed() if c.step == step), None)
-        bad = self._fetch(chosen, into) if chosen else ["the manifest"]
-        if bad:
+        if chosen is None:
+            raise StorageUnavailable("checkpoints.uri", f"checkpoint-{step}, which rank 0 resumes from, is gone")
+        if bad := self._fetch(chosen, into):
             raise StorageUnavailable(
                 "checkpoints.uri",
-                f"checkpoint-{step}, which rank 0 resumes from, cannot be fetched: {', '.join(bad[:3])}",
+                f"checkpoint-{step}, which rank 0 resumes from, fails its checksums: {', '.join(bad[:3])}",
             )
 
     def _fetch(self, c: Committed, into: Path) -> list[str]:
