@@ -150,22 +150,23 @@ def test_preempted_pod_resumes_without_using_a_retry(
     control_plane: Any, kubelet: Any, run: Any, namespace: str
 ) -> None:
     """A preempted pod is replaced; the new one resumes from the committed checkpoint; no retry is used."""
-    doc = run("preempted", hyperparameters={"epochs": 3}, runPolicy={"maxRetries": 0})
+    # 1000 steps: long enough that the run is still going once the ETA shows (3 epochs took 9 s in all).
+    doc = run("preempted", hyperparameters={"epochs": 10}, runPolicy={"maxRetries": 0})
     wait_for("a committed checkpoint", lambda: committed(doc), timeout=180, every=0.1)
     # The job pushes the step at once and the ETA once it has a rate over a few seconds' window.
     live = wait_for(
         "progress with an ETA from the Pushgateway",
         lambda: "etaSeconds" in (p := status(control_plane, namespace, "preempted").get("progress") or {}) and p,
     )
-    assert 0 < live["step"] < live["totalSteps"] == 300 and live["etaSeconds"] >= 0
+    assert 0 < live["step"] < live["totalSteps"] == 1000 and live["etaSeconds"] >= 0
     first = pods(control_plane, namespace, "preempted")[0]["metadata"]["name"]
     kubelet.preempt(namespace, first, grace=5)
     st = wait_phase(control_plane, namespace, "preempted", "Succeeded", timeout=300)
     assert st["restarts"] == 1 and st["lastRestartReason"] == "Preempted"
-    assert st["progress"]["step"] == 300
+    assert st["progress"]["step"] == 1000
     last = pods(control_plane, namespace, "preempted")[-1]
     summary = json.loads(last["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
-    assert summary["resumedFromStep"] >= 20 and summary["stepsThisRun"] == 300 - summary["resumedFromStep"]
+    assert summary["resumedFromStep"] >= 20 and summary["stepsThisRun"] == 1000 - summary["resumedFromStep"]
 
 
 def test_oom_killed_pod_counts_as_a_retry(control_plane: Any, kubelet: Any, run: Any, namespace: str) -> None:
@@ -246,7 +247,7 @@ def test_a_quota_that_refuses_the_pod_explains_pending_until_it_is_raised(
 
 def test_suspend_then_resume_continues_from_the_checkpoint(control_plane: Any, run: Any, namespace: str) -> None:
     """Suspending stops the pods; resuming starts a new pod that resumes from the committed checkpoint."""
-    doc = run("pausable", hyperparameters={"epochs": 3})
+    doc = run("pausable", hyperparameters={"epochs": 6})  # 600 steps: still training when the suspend lands
     wait_for("a committed checkpoint", lambda: committed(doc), timeout=180, every=0.1)
     doc["spec"]["runPolicy"] = {"suspend": True}
     assert apply(control_plane, doc, namespace=namespace).returncode == 0
@@ -263,7 +264,7 @@ def test_suspend_then_resume_continues_from_the_checkpoint(control_plane: Any, r
     wait_phase(control_plane, namespace, "pausable", "Succeeded", timeout=300)
     last = pods(control_plane, namespace, "pausable")[-1]
     summary = json.loads(last["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
-    assert summary["resumedFromStep"] >= 20 and summary["finalStep"] == 300
+    assert summary["resumedFromStep"] >= 20 and summary["finalStep"] == 600
 
 
 def test_delete_cascades_to_job_pods_and_metrics(
