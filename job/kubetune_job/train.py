@@ -276,8 +276,8 @@ def execute(
     from .distributed import is_local_main, is_main
 
     main = is_main()  # under torchrun, rank 0 alone pushes metrics
-    # and each node's first process writes the summary its launcher reads (rank 0's is the run's).
-    writes_summary = main or is_local_main()
+    # Each node's first process writes the summary its launcher reads (rank 0, node 0's first, the run's).
+    writes_summary = is_local_main()
     metrics = None
     if settings.pushgateway_url and main:
         from .prometheus import start as start_metrics

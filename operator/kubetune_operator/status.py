@@ -106,9 +106,10 @@ def newest_create_failure(events: Sequence[dict[str, Any]], job: dict[str, Any])
     """The message of the newest of a Job's FailedCreate Events that is not older than the Job's
     startTime. The Job controller sets startTime anew on every resume, so an Event from before it
     tells of a refusal that may long be over."""
-    since = (job.get("status") or {}).get("startTime")
+    started = (job.get("status") or {}).get("startTime")
+    since = parse_time(started) if started else datetime.min.replace(tzinfo=UTC)
     dated = [(e.get("lastTimestamp") or e.get("eventTime"), e.get("message")) for e in events]
-    fresh = [(parse_time(t), m) for t, m in dated if t and m and (since is None or parse_time(t) >= parse_time(since))]
+    fresh = [(when, m) for t, m in dated if t and m and (when := parse_time(t)) >= since]
     return max(fresh)[1] if fresh else None
 
 
