@@ -36,7 +36,16 @@ from .crd import GROUP, PLURAL, VERSION
 from .manifests import FTJ_LABEL, InvalidSpec, Owner, children, desired_suspend
 from .progress import delete_group, parse_groups, read_groups
 from .settings import OperatorSettings
-from .status import derive, invalid, job_view, newest_create_failure, parse_time, pod_view
+from .status import (
+    ENDED,
+    claim,
+    derive,
+    ended_by_operator,
+    job_view,
+    newest_create_failure,
+    parse_time,
+    pod_view,
+)
 
 log = logging.getLogger(__name__)
 SETTINGS = OperatorSettings()
@@ -66,9 +75,10 @@ class Cluster:
     def _raw(response: Any) -> Any:
         return json.loads(response.data)
 
-    def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Create a child; if it exists already (a replay, a restart), return the existing one, and
-        whether it was created now."""
+    def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+        """Create a child; if one of that name exists already (a replay, a restart, an earlier FineTuneJob
+        of the same name), return it, and whether it was created now. (None, False): it existed, and was
+        gone by the time it was read (being garbage-collected)."""
         namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         create, read = (
             (self.batch.create_namespaced_job, self.batch.read_namespaced_job)
@@ -80,7 +90,19 @@ class Cluster:
         except ApiException as e:
             if e.status != 409:
                 raise
-        return self._raw(read(name, namespace, _preload_content=False)), False
+        return self.read(read, name, namespace), False
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Job, or None when there is none."""
+        return self.read(self.batch.read_namespaced_job, name, namespace)
+
+    def read(self, method: Any, name: str, namespace: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._raw(method(name, namespace, _preload_content=False)))
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        return None
 
     def event(self, obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
         """A Kubernetes Event about `obj` (a FineTuneJob), from the operator."""
@@ -116,14 +138,38 @@ class Cluster:
         return newest_create_failure(self._raw(response).get("items") or [], job)
 
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
-        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+        """Set the Job's suspend flag; a Job gone meanwhile is left to its deletion event."""
+        try:
+            self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-        """Merge `status` into the FineTuneJob's; returns the whole status as stored."""
-        response = self.custom.patch_namespaced_custom_object_status(
-            *FTJ[:2], namespace, PLURAL, name, {"status": status}, _preload_content=False
-        )
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge `status` into the FineTuneJob's; returns the whole status as stored, or None when the
+        FineTuneJob is gone (deleted meanwhile: its deletion event cleans up)."""
+        try:
+            response = self.custom.patch_namespaced_custom_object_status(
+                *FTJ[:2], namespace, PLURAL, name, {"status": status}, _preload_content=False
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            return None
         return dict(self._raw(response).get("status") or {})
+
+
+#: API errors that no retry mends: the request itself is refused (invalid, too large, unprocessable).
+PERMANENT_API_ERRORS = (400, 413, 422)
+
+
+def api_message(error: ApiException) -> str:
+    """The API server's own words for a refused request (its Status message), else the HTTP reason."""
+    try:
+        message = json.loads(error.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or f"{error.status} {error.reason}")
 
 
 class Written:
@@ -143,7 +189,9 @@ class Written:
 
     def write(self, ftj: dict[str, Any], status: dict[str, Any]) -> None:
         meta = ftj["metadata"]
-        self._status[meta["uid"]] = cluster().patch_status(meta["namespace"], meta["name"], status)
+        stored = cluster().patch_status(meta["namespace"], meta["name"], status)
+        if stored is not None:
+            self._status[meta["uid"]] = stored
 
     def forget(self, namespace: str, name: str, uid: str) -> None:
         self._status.pop(uid, None)
@@ -226,7 +274,7 @@ def _owner_name(body: Any) -> str | None:
 def finetunejobs(body: Any, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Each FineTuneJob's identity, spec and status, for refreshes that its Job's and pods' events start."""
     meta = body["metadata"]
-    keep = ("name", "namespace", "uid", "generation", "creationTimestamp")
+    keep = ("name", "namespace", "uid", "generation", "creationTimestamp", "deletionTimestamp")
     view = {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
@@ -291,35 +339,36 @@ def reconcile(ftj: dict[str, Any], indices: Indices) -> None:
 
     Idempotent, and cheap when nothing changed (no API call): it runs for each of the FineTuneJob's
     events, its own status writes included, and in each periodic round (so a failed create is retried).
-    A FineTuneJob that has ended never gets a new Job, even after a TTL removed the old one."""
+    An ended FineTuneJob is final: it never gets a new Job, whatever became of the old one (a TTL, a
+    hand). A Job that vanished before the run was seen to end ends the FineTuneJob too."""
     started = time.monotonic()
+    if ftj["metadata"].get("deletionTimestamp"):
+        return  # being deleted (foreground): its children go first, and that is no loss to report
     owner = _owner(ftj)
     key = (owner.namespace, owner.name)
     job = indices.first(indices.jobs, key)
     if job is not None and owner.uid not in job["metadata"]["owners"]:
-        job = None  # someone else's: creating ours below fails with the conflict
-    if job is None and WRITTEN.status(ftj).get("phase") in ("Succeeded", "Failed"):
-        return  # ended (or refused): nothing to create
+        job = None  # an earlier FineTuneJob's, or someone else's: the create below tells which
+    known = WRITTEN.status(ftj)
+    if known.get("phase") in ENDED:
+        return  # final: no new Job, no suspend flips; its Job's and pods' events may still fill in the summary
     try:
         spec = parse_spec(ftj.get("spec") or {})
         objects = children(owner, spec, SETTINGS)
     except (SpecError, InvalidSpec) as e:
-        _invalid(ftj, "; ".join(e.problems) if isinstance(e, SpecError) else str(e))
+        _end(ftj, "InvalidSpec", "; ".join(e.problems) if isinstance(e, SpecError) else str(e))
         observability.reconciled("invalid", started)
         return
+    if job is None and known.get("jobName"):
+        job = _job_if_still_there(ftj, owner)
+        if job is None:
+            observability.reconciled("lost", started)
+            return
     if job is None:
-        api = cluster()
-        for obj in objects:
-            existing, created = api.create(obj)
-            if owner.uid not in job_view(existing)["metadata"]["owners"]:
-                what = f"a {obj['kind']} named {obj['metadata']['name']}"
-                _invalid(ftj, f"{what} exists and does not belong to this FineTuneJob")
-                observability.reconciled("conflict", started)
-                return
-            if obj["kind"] == "Job" and created:  # its own ADDED event writes the status
-                observability.reconciled("created", started)
-                return
-        job = job_view(existing)
+        job, outcome = _create(ftj, owner, objects)
+        if job is None:
+            observability.reconciled(outcome, started)
+            return
     suspend = desired_suspend(spec, job["spec"]["suspend"])
     if suspend is not None:
         cluster().suspend_job(owner.namespace, owner.name, suspend)
@@ -327,15 +376,80 @@ def reconcile(ftj: dict[str, Any], indices: Indices) -> None:
     observability.reconciled("ok", started)
 
 
-def _invalid(ftj: dict[str, Any], message: str) -> None:
-    """Mark a FineTuneJob the operator refuses (once per generation and message), with an Event."""
+def _job_if_still_there(ftj: dict[str, Any], owner: Owner) -> dict[str, Any] | None:
+    """The Job the status names, read from the API server when the index has none (it may lag); when it
+    is gone, the run ended unseen or was cut short: the FineTuneJob ends, and never trains again."""
+    found = cluster().read_job(owner.namespace, owner.name)
+    if found is not None and claim(found, owner.uid, owner.name) == "ours":
+        return job_view(found)
+    message = (
+        f"its Job {owner.name} was deleted before the operator saw the run end (by hand, or by "
+        "runPolicy.ttlSecondsAfterFinished while the operator was away); a FineTuneJob never trains twice: "
+        "look for the model at the output location, or create a new FineTuneJob to train again"
+    )
+    _end(ftj, "JobDeleted", message)
+    return None
+
+
+def _create(ftj: dict[str, Any], owner: Owner, objects: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """Create the FineTuneJob's children, in order. Returns the Job's view when the Job is ours and was
+    there already, else None and what happened: created (its ADDED event writes status), waiting (an
+    earlier FineTuneJob's child is still being deleted, or the API server failed for now: status says
+    so, and the next round retries), refused or conflict (the FineTuneJob ends, status says why)."""
+    api = cluster()
+    for obj in objects:
+        what = f"{obj['kind']} {obj['metadata']['name']}"
+        try:
+            existing, created = api.create(obj)
+        except ApiException as e:
+            if e.status in PERMANENT_API_ERRORS:
+                _end(ftj, "InvalidSpec", f"the API server refused its {what}: {api_message(e)}")
+                return None, "refused"
+            log.warning("cannot create the %s of %s/%s yet: %s", what, owner.namespace, owner.name, api_message(e))
+            _waiting(ftj, f"cannot create its {what} yet: {api_message(e)}")
+            return None, "waiting"
+        whose = "previous" if existing is None else claim(existing, owner.uid, owner.name)
+        if whose == "foreign":
+            _end(ftj, "InvalidSpec", f"a {what} exists and does not belong to this FineTuneJob: delete it, or rename")
+            return None, "conflict"
+        if whose == "previous":
+            _waiting(ftj, f"waiting for the {what} of an earlier FineTuneJob of this name to be deleted")
+            return None, "waiting"
+        if obj["kind"] == "Job":
+            return (None, "created") if created else (job_view(existing or {}), "ok")
+    return None, "created"
+
+
+def _end(ftj: dict[str, Any], reason: str, message: str) -> None:
+    """End a FineTuneJob the operator refuses or has lost (once per generation and message), with an Event."""
     meta = ftj["metadata"]
     with WRITTEN.lock(meta["namespace"], meta["name"]):
         previous = WRITTEN.status(ftj)
-        status = invalid(message, generation=meta.get("generation", 1), previous=previous, now=now())
+        if previous.get("phase") in ENDED:
+            return
+        status = ended_by_operator(reason, message, generation=meta.get("generation", 1), previous=previous, now=now())
         if _changed(previous, status):
             WRITTEN.write(ftj, status)
-            cluster().event(ftj, "Warning", "InvalidSpec", message)
+            cluster().event(ftj, "Warning", reason, message)
+            observability.transition(ftj, previous.get("phase"), "Failed")
+
+
+def _waiting(ftj: dict[str, Any], message: str) -> None:
+    """Say in status why the FineTuneJob has no Job yet; the periodic round tries again."""
+    meta = ftj["metadata"]
+    with WRITTEN.lock(meta["namespace"], meta["name"]):
+        previous = WRITTEN.status(ftj)
+        status = derive(
+            job=None,
+            pods=[],
+            metrics=[],
+            generation=meta.get("generation", 1),
+            previous=previous,
+            now=now(),
+            create_failure=message,
+        )
+        if _changed(previous, status):
+            WRITTEN.write(ftj, status)
 
 
 def refresh(
@@ -368,6 +482,8 @@ def refresh(
         except SpecError:
             return previous
         job = event_job or indices.first(indices.jobs, key)
+        if job is None and previous.get("jobName"):
+            return previous  # its Job is gone: reconcile() decides what that means
         pods = list(indices.pods.get(key, ()))
         if event_pod and all(p["metadata"].get("uid") != event_pod["metadata"].get("uid") for p in pods):
             pods.append(event_pod)  # already deleted: its last state still counts (a preempted pod)
@@ -396,9 +512,17 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={FTJ_LABEL: kopf.PRESENT})
-def job_changed(body: Any, namespace: str, **kwargs: Any) -> None:
+def job_changed(body: Any, namespace: str, type: str | None, **kwargs: Any) -> None:
+    """A Job's change refreshes its FineTuneJob's status. A Job that is gone, or is an earlier
+    FineTuneJob's of the same name, reconciles instead: the FineTuneJob may now get its Job, or end."""
     if name := _owner_name(body):
-        refresh(namespace, name, Indices.of(kwargs))
+        indices = Indices.of(kwargs)
+        ftj = indices.first(indices.finetunejobs, (namespace, name))
+        owners = {r.get("uid") for r in body.get("metadata", {}).get("ownerReferences") or ()}
+        if ftj is not None and (type == "DELETED" or ftj["metadata"]["uid"] not in owners):
+            reconcile(ftj, indices)
+        else:
+            refresh(namespace, name, indices)
 
 
 @kopf.on.event("v1", "pods", labels={FTJ_LABEL: kopf.PRESENT})
@@ -412,26 +536,34 @@ def tick(indices: Indices, groups: list[dict[str, Any]] | None) -> None:
     runs; a reconcile while it has no Job (its create may have failed); while its Job has no pod, the
     Job's FailedCreate Events (a quota); its metrics group removed a while after it ended."""
     for key, values in _snapshot(indices.finetunejobs):
-        namespace, name = key
-        ftj = next(iter(values), None)
-        if ftj is None:
+        if (ftj := next(iter(values), None)) is None:
             continue
-        status = WRITTEN.status(ftj)
-        phase, job = status.get("phase"), indices.first(indices.jobs, key)
-        if phase == "Running":
-            progress = parse_groups(groups, namespace, name) if groups is not None else None
-            refresh(namespace, name, indices, progress=progress)
-        elif phase not in ("Succeeded", "Failed") and job is None:
-            reconcile(ftj, indices)
-        elif phase == "Pending" and job and not job["spec"]["suspend"] and not indices.pods.get(key):
-            if failure := cluster().create_failure(namespace, job):
-                refresh(namespace, name, indices, create_failure=failure)
-        elif phase in ("Succeeded", "Failed") and SETTINGS.pushgateway_url and not status.get("metricsDeleted"):
-            ended = status.get("completionTime")
-            if ended and _age(ended) >= SETTINGS.pushgateway_group_ttl_seconds:
-                delete_group(SETTINGS.pushgateway_url, namespace, name)
-                with WRITTEN.lock(namespace, name):
-                    WRITTEN.write(ftj, {"metricsDeleted": True})
+        try:
+            _tick_one(ftj, indices, groups)
+        except Exception:  # one FineTuneJob's trouble never stops the round for the others
+            log.exception("periodic reconcile of %s/%s failed", *key)
+
+
+def _tick_one(ftj: dict[str, Any], indices: Indices, groups: list[dict[str, Any]] | None) -> None:
+    namespace, name = key = (ftj["metadata"]["namespace"], ftj["metadata"]["name"])
+    status = WRITTEN.status(ftj)
+    phase, job = status.get("phase"), indices.first(indices.jobs, key)
+    if job is not None and ftj["metadata"]["uid"] not in job["metadata"]["owners"]:
+        job = None  # an earlier FineTuneJob's of the same name
+    if phase == "Running":
+        progress = parse_groups(groups, namespace, name) if groups is not None else None
+        refresh(namespace, name, indices, progress=progress)
+    elif phase not in ENDED and job is None:
+        reconcile(ftj, indices)
+    elif phase == "Pending" and job and not job["spec"]["suspend"] and not indices.pods.get(key):
+        if failure := cluster().create_failure(namespace, job):
+            refresh(namespace, name, indices, create_failure=failure)
+    elif phase in ENDED and SETTINGS.pushgateway_url and not status.get("metricsDeleted"):
+        ended = status.get("completionTime")
+        if ended and _age(ended) >= SETTINGS.pushgateway_group_ttl_seconds:
+            delete_group(SETTINGS.pushgateway_url, namespace, name)
+            with WRITTEN.lock(namespace, name):
+                WRITTEN.write(ftj, {"metricsDeleted": True})
 
 
 def _snapshot(index: Index) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:

@@ -233,7 +233,12 @@ def job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict
     if spec.scheduling.queue_name:
         meta["labels"][QUEUE_LABEL] = spec.scheduling.queue_name
     body: dict[str, Any] = {
-        "backoffLimit": spec.run_policy.max_retries,
+        # Indexed, with retries counted per index, even for one node: each replacement pod then carries
+        # the Job's own count of its index's earlier failures and preemptions (status.failure_record),
+        # which outlives the failed pods and the operator's memory. One failed index fails the Job.
+        "completionMode": "Indexed",
+        "backoffLimitPerIndex": spec.run_policy.max_retries,
+        "maxFailedIndexes": 0,
         "podFailurePolicy": failure_policy(),
         "podReplacementPolicy": "Failed",  # two pods never write the same checkpoints
         "completions": nodes,
@@ -241,8 +246,6 @@ def job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict
         "suspend": spec.run_policy.suspend or bool(spec.scheduling.queue_name),
         "template": pod_template(owner, spec, settings),
     }
-    if nodes > 1:
-        body["completionMode"] = "Indexed"
     if spec.run_policy.active_deadline_seconds:
         body["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
     if spec.run_policy.ttl_seconds_after_finished is not None:

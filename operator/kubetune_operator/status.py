@@ -18,6 +18,13 @@ CONDITION_TYPES = ("Created", "Running", "Suspended", "Succeeded", "Failed")
 CREATE_FAILURES = ("QuotaExceeded", "FailedCreate")
 #: The pod annotation that holds an Indexed Job pod's completion index: its node rank.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+#: The Job's own record of an index's earlier pods, on each replacement pod (Indexed Jobs with
+#: backoffLimitPerIndex): how many failed and counted, and how many failed and were ignored (preemptions).
+FAILURE_COUNT = "batch.kubernetes.io/job-index-failure-count"
+IGNORED_FAILURE_COUNT = "batch.kubernetes.io/job-index-ignored-failure-count"
+POD_ANNOTATIONS = (COMPLETION_INDEX, FAILURE_COUNT, IGNORED_FAILURE_COUNT)
+#: Phases after which nothing changes: an ended FineTuneJob is final, whatever becomes of its Job.
+ENDED = ("Succeeded", "Failed")
 
 
 def _true(conditions: Sequence[dict[str, Any]] | None, kind: str) -> dict[str, Any] | None:
@@ -63,8 +70,8 @@ def failed(pod: dict[str, Any]) -> bool:
     return status.get("phase") == "Failed" or _true(status.get("conditions"), "DisruptionTarget") is not None
 
 
-def failures(pods: Sequence[dict[str, Any]], previous: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
-    """Every pod failure seen so far (the newest 20 kept) and their total count.
+def failures(pods: Sequence[dict[str, Any]], previous: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The pod failures seen so far (the newest 20 kept), and the reasons of those seen for the first time.
 
     Pods that failed are often deleted soon after (preemption, a replacement), so the record lives in
     status: each refresh adds the failed pods it has not seen before, by uid.
@@ -76,7 +83,64 @@ def failures(pods: Sequence[dict[str, Any]], previous: dict[str, Any]) -> tuple[
         for p in sorted(pods, key=_created)
         if failed(p) and p["metadata"].get("uid") not in seen
     ]
-    return (known + new)[-20:], int(previous.get("failureCount") or 0) + len(new)
+    return (known + new)[-20:], [f["reason"] for f in new]
+
+
+def failure_record(pods: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """(counted, ignored) pod failures of the Job so far, from its own record: each replacement pod carries
+    its index's earlier failures (FAILURE_COUNT, IGNORED_FAILURE_COUNT), and a failed pod not yet replaced
+    adds itself. Holds failures that happened while the operator was not watching, whose pods are gone."""
+    per_index: dict[str, tuple[int, int]] = {}
+    for pod in pods:
+        notes = (pod.get("metadata") or {}).get("annotations") or {}
+        counted, ignored = _count(notes.get(FAILURE_COUNT)), _count(notes.get(IGNORED_FAILURE_COUNT))
+        if failed(pod):
+            preempted = restart_reason(pod) == "Preempted"
+            counted, ignored = counted + (not preempted), ignored + preempted
+        index = notes.get(COMPLETION_INDEX, "0")
+        before = per_index.get(index, (0, 0))
+        per_index[index] = (max(before[0], counted), max(before[1], ignored))
+    return sum(c for c, _ in per_index.values()), sum(i for _, i in per_index.values())
+
+
+def _count(value: Any) -> int:
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def restart_counts(
+    pods: Sequence[dict[str, Any]], previous: dict[str, Any], *, phase: str
+) -> tuple[dict[str, Any], str | None]:
+    """The failure fields of status (failureCount, preemptions, restarts, failures) and the reason of the
+    last restart. Counts never go down: the previous status and the Job's record (failure_record) each
+    hold failures the other may have missed."""
+    seen, new = failures(pods, previous)
+    counted, ignored = failure_record(pods)
+    before_ignored = int(previous.get("preemptions") or 0)
+    before_counted = int(previous.get("failureCount") or 0) - before_ignored
+    preemptions, errors = max(before_ignored, ignored), max(before_counted, counted)
+    count = preemptions + errors
+    restarts = max(count - 1, 0) if phase == "Failed" else count
+    # The newest failure of an ended run is its end, not a restart.
+    restarted = new[:-1] if phase == "Failed" else new
+    # Failures the Job's record holds beyond those seen now happened while the operator was not watching.
+    missed_preemptions = preemptions - before_ignored - new.count("Preempted")
+    missed_errors = errors - before_counted - (len(new) - new.count("Preempted"))
+    reason: str | None
+    if restarted:
+        reason = restarted[-1]
+    elif missed_preemptions > 0:
+        reason = "Preempted"
+    elif missed_errors > 0:
+        reason = "Error"
+    else:
+        reason = previous.get("lastRestartReason")
+    fields: dict[str, Any] = {"restarts": restarts, "failureCount": count, "preemptions": preemptions}
+    if seen:
+        fields["failures"] = seen
+    return fields, (reason if restarts else None)
 
 
 def _created(pod: dict[str, Any]) -> str:
@@ -132,6 +196,8 @@ def phase_of(
     """(phase, reason, message) of a FineTuneJob from its Job and pods, and why the Job controller could
     not create a pod (the message of the Job's newest FailedCreate Event), if it could not."""
     if job is None:
+        if create_failure:
+            return "Pending", create_failure_reason(create_failure), create_failure
         return "Pending", "Creating", "the Job is being created"
     conditions = job.get("status", {}).get("conditions")
     if done := _true(conditions, "Complete") or _true(conditions, "SuccessCriteriaMet"):
@@ -201,8 +267,9 @@ def pod_view(pod: dict[str, Any]) -> dict[str, Any]:
     meta = pod.get("metadata") or {}
     keep = ("name", "uid", "creationTimestamp", "deletionTimestamp")
     view = {k: meta[k] for k in keep if k in meta}
-    if index := (meta.get("annotations") or {}).get(COMPLETION_INDEX):
-        view["annotations"] = {COMPLETION_INDEX: index}
+    notes = meta.get("annotations") or {}
+    if kept := {k: notes[k] for k in POD_ANNOTATIONS if k in notes}:
+        view["annotations"] = kept
     return {"metadata": view, "status": pod.get("status") or {}}
 
 
@@ -222,20 +289,26 @@ def derive(
     progress: dict[str, Any] | None = None,
     create_failure: str | None = None,
 ) -> dict[str, Any]:
-    """The whole status of a FineTuneJob (what a merge patch of .status sets).
+    """The status of a FineTuneJob (what a merge patch of .status sets).
 
-    create_failure: the message of the Job's newest FailedCreate Event, when one was just read; without
-    it, the failure the previous status reported holds until a pod exists."""
-    phase, reason, message = phase_of(job, pods, create_failure or previous_create_failure(previous))
+    create_failure: the message of the Job's newest FailedCreate Event (or of the operator's refused
+    create of the Job), when one was just read; without it, the failure the previous status reported
+    holds until a pod exists. An ended FineTuneJob keeps its phase, conditions and times: only its
+    job's summary may still fill in what the first write lacked."""
     ordered = sorted(pods, key=_created)
-    seen, count = failures(ordered, previous)
-    restarts = max(count - 1, 0) if phase == "Failed" else count
+    # The run's summary is node 0's (each node's first process writes one; node 0's is the run's).
+    leading = sorted(ordered, key=_leads)
+    final = next((s for p in reversed(leading) if (s := summary_of(p))), None)
+    if previous.get("phase") in ENDED:
+        phase = previous["phase"]
+        return {"phase": phase, **(from_summary(final, metrics, phase) if final else {})}
+    phase, reason, message = phase_of(job, pods, create_failure or previous_create_failure(previous))
+    counts, restart_reason_now = restart_counts(ordered, previous, phase=phase)
     status: dict[str, Any] = {
         "phase": phase,
         "message": message,
         "observedGeneration": generation,
-        "restarts": restarts,
-        "failureCount": count,
+        **counts,
         "conditions": conditions_for(
             phase,
             reason,
@@ -251,15 +324,10 @@ def derive(
         job_status = job.get("status", {})
         if start := previous.get("startTime") or job_status.get("startTime"):
             status["startTime"] = start
-        if phase in ("Succeeded", "Failed"):
+        if phase in ENDED:
             status["completionTime"] = job_status.get("completionTime") or previous.get("completionTime") or now
-    if seen:
-        status["failures"] = seen
-    if restarts:
-        status["lastRestartReason"] = seen[-2 if phase == "Failed" and len(seen) > 1 else -1]["reason"]
-    # The run's summary is node 0's (rank 0 writes it); other nodes' pods report only that they ended.
-    leading = sorted(ordered, key=_leads)
-    final = next((s for p in reversed(leading) if (s := summary_of(p))), None)
+    if restart_reason_now:
+        status["lastRestartReason"] = restart_reason_now
     progress = dict(progress or {})
     live = progress.pop("metrics", None)
     if checkpoint := progress.pop("lastCheckpoint", None) or previous.get("lastCheckpoint"):
@@ -301,19 +369,38 @@ def from_summary(summary: dict[str, Any], metrics: list[str], phase: str) -> dic
     return out
 
 
-def invalid(message: str, *, generation: int, previous: dict[str, Any], now: str) -> dict[str, Any]:
-    """The status of a FineTuneJob the operator refuses: Failed with reason InvalidSpec."""
+def ended_by_operator(
+    reason: str, message: str, *, generation: int, previous: dict[str, Any], now: str
+) -> dict[str, Any]:
+    """The status of a FineTuneJob the operator ends itself: Failed, with reason InvalidSpec (a spec it
+    or the API server refuses) or JobDeleted (its Job vanished before the run was seen to end)."""
     return {
         "phase": "Failed",
         "message": message,
         "observedGeneration": generation,
+        "completionTime": previous.get("completionTime") or now,
         "conditions": conditions_for(
             "Failed",
-            "InvalidSpec",
+            reason,
             message,
-            created=False,
+            created=bool(previous.get("jobName")),
             previous=previous.get("conditions") or [],
             now=now,
             generation=generation,
         ),
     }
+
+
+def claim(existing: dict[str, Any], owner_uid: str, owner_name: str) -> str:
+    """Whose an existing child with the FineTuneJob's deterministic name is: "ours"; "previous" (an
+    earlier FineTuneJob of the same name, deleted, whose child the garbage collector has yet to remove,
+    or a child already being deleted); or "foreign" (anything else: never touched)."""
+    meta = existing.get("metadata") or {}
+    refs = meta.get("ownerReferences") or ()
+    if any(r.get("uid") == owner_uid for r in refs):
+        return "ours"
+    if meta.get("deletionTimestamp") or any(
+        r.get("kind") == "FineTuneJob" and r.get("name") == owner_name for r in refs
+    ):
+        return "previous"
+    return "foreign"

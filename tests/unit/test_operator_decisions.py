@@ -11,7 +11,16 @@ from kubetune_job.spec import parse_manifest
 from kubetune_operator.crd import crd, spec_schema
 from kubetune_operator.manifests import InvalidSpec, Owner, children, desired_suspend
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.status import COMPLETION_INDEX, derive, newest_create_failure, phase_of, pod_view
+from kubetune_operator.status import (
+    COMPLETION_INDEX,
+    FAILURE_COUNT,
+    IGNORED_FAILURE_COUNT,
+    claim,
+    derive,
+    newest_create_failure,
+    phase_of,
+    pod_view,
+)
 from tests.unit.test_spec import GOOD
 
 OWNER = Owner("bert-mrpc", "ml", "uid-1")
@@ -83,7 +92,8 @@ def test_failure_policy_ignores_preemption_and_fails_permanent_codes() -> None:
         "action": "Ignore",
         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [21]},
     }
-    assert body["backoffLimit"] == 5 and body["podReplacementPolicy"] == "Failed"
+    assert body["backoffLimitPerIndex"] == 5 and body["maxFailedIndexes"] == 0 and body["completionMode"] == "Indexed"
+    assert body["podReplacementPolicy"] == "Failed"
 
 
 def test_gpus_and_scheduling_reach_the_pod() -> None:
@@ -274,3 +284,60 @@ def test_a_refusal_from_before_the_job_last_started_is_not_reported() -> None:
     assert newest_create_failure([later, old, same_second], job) == "exceeded quota: newest"
     assert newest_create_failure([old], {**job, "status": {}}) == "exceeded quota: before the resume"
     assert newest_create_failure([], job) is None
+
+
+def test_an_ended_finetunejob_stays_ended_when_its_job_is_gone() -> None:
+    """Succeeded and Failed are final: a Job removed by a TTL or by hand derives no new phase or conditions."""
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    done = derive(job=job, pods=[], metrics=[], generation=1, previous={}, now=NOW)
+    assert done["phase"] == "Succeeded"
+    after = derive(job=None, pods=[], metrics=[], generation=1, previous=done, now="2026-01-02T00:00:00Z")
+    assert after == {"phase": "Succeeded"}
+    failed = {**done, "phase": "Failed"}
+    assert derive(job=None, pods=[], metrics=[], generation=1, previous=failed, now=NOW) == {"phase": "Failed"}
+
+
+def test_restarts_come_from_the_jobs_record_when_the_failed_pods_are_gone() -> None:
+    """A preemption (or failure) whose pod the operator never saw is counted from the replacement pod's
+    per-index annotations, which the Job controller writes; counts never go down."""
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {}}
+    replacement = pod("Running", created="2026-01-02")
+    replacement["metadata"]["annotations"] = {COMPLETION_INDEX: "0", IGNORED_FAILURE_COUNT: "1"}
+    st = derive(job=job, pods=[replacement], metrics=[], generation=1, previous={}, now=NOW)
+    assert (st["restarts"], st["preemptions"], st["lastRestartReason"]) == (1, 1, "Preempted")
+    again = pod("Running", created="2026-01-03")
+    again["metadata"]["annotations"] = {COMPLETION_INDEX: "0", IGNORED_FAILURE_COUNT: "1", FAILURE_COUNT: "1"}
+    st = derive(job=job, pods=[again], metrics=[], generation=1, previous=st, now=NOW)
+    assert (st["restarts"], st["preemptions"], st["lastRestartReason"]) == (2, 1, "Error")
+    # The replacement not yet listed: the count the status holds stays.
+    st = derive(job=job, pods=[], metrics=[], generation=1, previous=st, now=NOW)
+    assert (st["restarts"], st["lastRestartReason"]) == (2, "Error")
+
+
+def test_a_seen_failure_and_its_replacements_record_count_once() -> None:
+    """The failed pod and the annotation on its replacement describe one failure, not two."""
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {}}
+    oom = pod("Failed", containerStatuses=[{"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}])
+    first = derive(job=job, pods=[oom], metrics=[], generation=1, previous={}, now=NOW)
+    replacement = pod("Running", created="2026-01-02")
+    replacement["metadata"]["annotations"] = {FAILURE_COUNT: "1"}
+    st = derive(job=job, pods=[oom, replacement], metrics=[], generation=1, previous=first, now=NOW)
+    assert (st["restarts"], st["failureCount"], st["lastRestartReason"]) == (1, 1, "OOMKilled")
+
+
+def test_a_child_of_the_same_name_is_ours_an_earlier_finetunejobs_or_foreign() -> None:
+    """claim() tells our Job from one an earlier FineTuneJob of this name left to the garbage collector
+    (wait for it) and from anyone else's (never touched)."""
+    ref = {"kind": "FineTuneJob", "name": "x", "uid": "new"}
+    assert claim({"metadata": {"ownerReferences": [ref]}}, "new", "x") == "ours"
+    assert claim({"metadata": {"ownerReferences": [{**ref, "uid": "old"}]}}, "new", "x") == "previous"
+    assert claim({"metadata": {"deletionTimestamp": NOW}}, "new", "x") == "previous"
+    assert claim({"metadata": {}}, "new", "x") == "foreign"
+    assert claim({"metadata": {"ownerReferences": [{**ref, "kind": "CronJob", "uid": "o"}]}}, "new", "x") == "foreign"
+
+
+def test_a_refused_or_failed_job_create_explains_pending() -> None:
+    """Without a Job, the reason the operator could not create one (a quota on Jobs, an API error) shows."""
+    assert phase_of(None, [], 'jobs.batch "x" is forbidden: exceeded quota: jobs')[:2] == ("Pending", "QuotaExceeded")
+    assert phase_of(None, [], "cannot create its Job x yet: 503")[:2] == ("Pending", "FailedCreate")
+    assert phase_of(None, [])[:2] == ("Pending", "Creating")
