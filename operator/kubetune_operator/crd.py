@@ -123,6 +123,10 @@ STATUS_SCHEMA: dict[str, Any] = {
         "restarts": {"type": "integer", "description": "Pods replaced after a failure or preemption."},
         "lastRestartReason": {"type": "string", "description": "Preempted, OOMKilled or Error."},
         "failureCount": {"type": "integer", "description": "Pod failures seen, the last one included."},
+        "preemptions": {
+            "type": "integer",
+            "description": "Pod failures that were preemptions (never counted against maxRetries), of failureCount.",
+        },
         "failures": {
             "type": "array",
             "description": "The newest pod failures: pod, uid and reason.",
