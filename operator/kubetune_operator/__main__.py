@@ -1,4 +1,8 @@
-"""`python -m kubetune_operator`: run the operator (kopf) with the settings from the environment."""
+"""`python -m kubetune_operator`: run the operator (kopf) with the settings from the environment.
+
+With leader election, a replica first waits as a standby (answering /healthz, running no handler)
+until it holds the Lease, then runs kopf while a thread renews the Lease; on the way out (SIGTERM
+stops kopf gracefully) it releases the Lease so that a standby takes over at once."""
 
 from __future__ import annotations
 
@@ -6,20 +10,42 @@ import logging
 import os
 
 import kopf
+from kubernetes import client as k8s
 
 from . import handlers  # noqa: F401  (registers the handlers)
-from .handlers import SETTINGS
+from .handlers import SETTINGS, api_configuration
+from .leader import Elector, standby_health
+
+
+def kopf_settings() -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    # Strict mode: serve the namespaces given (or the whole cluster) and the CRDs present at start. The
+    # operator's RBAC grants no list/watch on namespaces or CRDs, and kopf retries each 403 of its
+    # observers for about a minute (its error backoffs): a namespaced install would handle nothing for
+    # that long. The chart installs the CRD before the operator starts.
+    settings.scanning.disabled = True
+    return settings
 
 
 def main() -> None:
     logging.basicConfig(level=os.environ.get("KUBETUNE_OPERATOR_LOG_LEVEL", "INFO"))
-    health = os.environ.get("KUBETUNE_OPERATOR_HEALTH_PORT", "8081")
-    kopf.run(
-        standalone=True,
-        clusterwide=not SETTINGS.namespaces,
-        namespaces=SETTINGS.namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{health}/healthz" if health != "0" else None,
-    )
+    health = SETTINGS.health_port
+    elector = Elector.from_settings(k8s.ApiClient(api_configuration()), SETTINGS) if SETTINGS.leader_election else None
+    if elector is not None:
+        with standby_health(health):
+            elector.acquire()
+        elector.keep()
+    try:
+        kopf.run(
+            settings=kopf_settings(),
+            standalone=True,
+            clusterwide=not SETTINGS.namespaces,
+            namespaces=SETTINGS.namespaces,
+            liveness_endpoint=f"http://0.0.0.0:{health}/healthz" if health else None,
+        )
+    finally:
+        if elector is not None:
+            elector.release()
 
 
 if __name__ == "__main__":

@@ -14,3 +14,10 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
 ]
+
+
+def lease_rules(name: str) -> list[dict[str, Any]]:
+    """Leader election's rules, granted by a Role in the operator's own namespace only (never the
+    ClusterRole): read and renew its one Lease, and create it (a create cannot be limited by name)."""
+    group = {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"]}
+    return [{**group, "verbs": ["create"]}, {**group, "resourceNames": [name], "verbs": ["get", "update"]}]

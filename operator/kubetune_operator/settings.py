@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,3 +52,48 @@ class OperatorSettings(BaseSettings):
         Path("/var/run/secrets/kubernetes.io/serviceaccount"),
         description="Where the pod's ServiceAccount token and CA are mounted (in a cluster).",
     )
+    health_port: int = Field(
+        8081, ge=0, le=65535, description="Port of the operator's /healthz (liveness); 0 for none."
+    )
+    leader_election: bool = Field(
+        False,
+        description="Run handlers only while holding the Lease, so that of several replicas exactly one acts "
+        "(the chart turns it on).",
+    )
+    lease_name: str = Field("kubetune-operator", min_length=1, description="Name of the leader-election Lease.")
+    lease_namespace: str | None = Field(
+        None,
+        description="Namespace of the Lease: the operator's own (the chart sets it from the pod); "
+        "required with leader_election.",
+    )
+    lease_duration_seconds: int = Field(
+        15,
+        ge=2,
+        le=3600,
+        description="How long a standby waits for a Lease that is no longer renewed: after the leader dies, "
+        "a standby takes over within this plus one renew period.",
+    )
+    lease_renew_seconds: int = Field(
+        5,
+        ge=1,
+        description="How often the leader renews the Lease and a standby looks at it. A leader that could not "
+        "renew for lease_duration_seconds - lease_renew_seconds exits, before anyone may take over.",
+    )
+    pod_name: str | None = Field(
+        None, description="The operator pod's name (the chart sets it): its identity in the Lease; else hostname-pid."
+    )
+
+    @model_validator(mode="after")
+    def _lease_fits(self) -> Self:
+        if self.leader_election and not self.lease_namespace:
+            raise ValueError(
+                "KUBETUNE_OPERATOR_LEASE_NAMESPACE is unset: leader election needs the namespace of its Lease "
+                "(the operator's own namespace)"
+            )
+        if 2 * self.lease_renew_seconds > self.lease_duration_seconds:
+            raise ValueError(
+                f"KUBETUNE_OPERATOR_LEASE_RENEW_SECONDS ({self.lease_renew_seconds}) must be at most half of "
+                f"KUBETUNE_OPERATOR_LEASE_DURATION_SECONDS ({self.lease_duration_seconds}), so that a failed "
+                "renewal is retried before the Lease expires"
+            )
+        return self

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from kubetune_operator.crd import crd
-from kubetune_operator.rbac import RULES
+from kubetune_operator.rbac import RULES, lease_rules
 from tests.kube import get, kubectl, wait_for
 from tests.testbed import binaries, processes
 
@@ -49,10 +49,10 @@ def test_lint_and_template_each_ci_values_file(values: Path) -> None:
 def test_bad_values_are_rejected_by_the_schema(tmp_path: Path) -> None:
     """An unknown key or a wrong type fails with a message naming it."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("operator:\n  replicas: 2\nstorage:\n  checkpointRoot: gs://elsewhere\n")
+    bad.write_text("operator:\n  replica: 2\nstorage:\n  checkpointRoot: gs://elsewhere\n")
     done = helm("template", "kubetune", str(CHART), "-f", str(bad), check=False)
     assert done.returncode != 0
-    assert "replicas" in done.stderr and "checkpointRoot" in done.stderr
+    assert "replica" in done.stderr and "checkpointRoot" in done.stderr
 
 
 def test_chart_crd_is_the_generated_one() -> None:
@@ -69,9 +69,36 @@ def test_chart_rbac_is_the_operators_rules_and_no_secrets() -> None:
     (role,) = [d for d in rendered() if d["kind"] == "ClusterRole"]
     assert role["rules"] == RULES
     roles = [d for d in rendered("--set", "operator.watchNamespaces={a,b}") if d["kind"] == "Role"]
-    assert [r["metadata"]["namespace"] for r in roles] == ["a", "b"] and all(r["rules"] == RULES for r in roles)
+    watching = [r for r in roles if not r["metadata"]["name"].endswith("-leader-election")]
+    assert [r["metadata"]["namespace"] for r in watching] == ["a", "b"] and all(r["rules"] == RULES for r in watching)
     flat = json.dumps(RULES)
     assert "secrets" not in flat and "*" not in flat
+
+
+def test_chart_grants_leases_in_its_own_namespace_only() -> None:
+    """Leader election's Role is in the release namespace, grants lease_rules() for the Lease the operator
+    is told to use, and the ClusterRole grants no Lease; without election there is no such Role."""
+    docs = rendered("--set", "operator.replicas=2")
+    (settings,) = [d for d in docs if d["kind"] == "ConfigMap" and "KUBETUNE_OPERATOR_LEASE_NAME" in d.get("data", {})]
+    lease = settings["data"]["KUBETUNE_OPERATOR_LEASE_NAME"]
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "kubetune" and role["rules"] == lease_rules(lease)
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert "leases" not in json.dumps([d for d in docs if d["kind"] == "ClusterRole"])
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 2 and settings["data"]["KUBETUNE_OPERATOR_LEADER_ELECTION"] == "true"
+    unelected = rendered("--set", "operator.leaderElection.enabled=false")
+    assert not [d for d in unelected if d["kind"] == "Role"]
+    done = helm(
+        "template",
+        "kubetune",
+        str(CHART),
+        "--set",
+        "operator.replicas=2,operator.leaderElection.enabled=false",
+        check=False,
+    )
+    assert done.returncode != 0 and "operator.leaderElection.enabled" in done.stderr
 
 
 def test_dashboards_ship_as_labelled_configmaps() -> None:

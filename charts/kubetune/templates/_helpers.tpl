@@ -47,3 +47,18 @@ http://{{ include "kubetune.fullname" . }}-pushgateway.{{ .Release.Namespace }}.
   resources: ["events"]
   verbs: ["create", "list"]
 {{- end -}}
+
+{{/* The leader-election Lease: one per release, named like the operator. */}}
+{{- define "kubetune.leaseName" -}}{{ include "kubetune.fullname" . }}-operator{{- end -}}
+
+{{/* Leader election's rules (a Role in the release namespace): operator/kubetune_operator/rbac.py
+lease_rules(), kept equal by a test. */}}
+{{- define "kubetune.leaseRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["create"]
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  resourceNames: [{{ include "kubetune.leaseName" . | quote }}]
+  verbs: ["get", "update"]
+{{- end -}}
