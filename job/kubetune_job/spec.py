@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
+from pydantic_core import PydanticCustomError
 
 API_VERSION = "kubetune.io/v1alpha1"
 KIND = "FineTuneJob"
@@ -29,26 +38,238 @@ URI_SCHEMES = ("s3://", "file://")
 #: The only spec fields that may change after creation (the CRD's CEL rules enforce it).
 MUTABLE_FIELDS = ("runPolicy.suspend", "runPolicy.ttlSecondsAfterFinished")
 
+# Bounds. The CRD is generated from these models, so every bound here is also the API server's: a
+# manifest `kubetune validate` accepts is one the API server accepts, and the other way round.
+# Every string, list and map has an upper bound (the API server needs them to cost the CEL rules).
+MAX_STRING, MAX_ITEMS = 1024, 64
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+#: numpy seeds its generator with at most 32 bits; transformers seeds numpy with hyperparameters.seed.
+SEED_MAX = 2**32 - 1
+MAX_NODES = 64
+#: Levels of maps and lists a value of hyperparameters.extra may nest (deepspeed's optimizer.params.betas
+#: is four: map, map, map, list). Deeper documents are refused: parsing them recurses without bound.
+EXTRA_DEPTH = 4
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_LABEL_MAX, DNS_SUBDOMAIN_MAX = 63, 253
+#: A label key (Kubernetes' "qualified name"): an optional DNS subdomain prefix and "/", then a name of
+#: at most 63 characters. The prefix's length (at most 253) is checked apart (label_key_rule).
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_KEY_MAX = DNS_SUBDOMAIN_MAX + 1 + DNS_LABEL_MAX
+LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+#: Printable ASCII without spaces: what an image reference or a URL is made of. (The classes are spelt
+#: out: \s and \S mean Unicode whitespace to pydantic and ASCII whitespace to the API server.)
+NO_SPACE = r"^[!-~]*$"
+#: A location must have something in it besides whitespace.
+NOT_BLANK = r"[^ \t\n\r\f\v]"
+S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+
+
+def cel_string(text: str) -> str:
+    """A CEL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def matches(pattern: str, value: str) -> bool:
+    """Whether value matches pattern as the API server's regular expressions do ($ is the end of the text)."""
+    return re.search(pattern.removesuffix("$") + r"\Z" if pattern.endswith("$") else pattern, value) is not None
+
+
 #: CEL rules the CRD carries beside the schema; pydantic enforces the same with validators.
 ONE_OF_ID_URI: JsonDict = {"rule": "has(self.id) != has(self.uri)", "message": "set exactly one of id or uri"}
 URI_SCHEME: JsonDict = {
     "rule": "!self.contains('://') || self.startsWith('s3://') || self.startsWith('file://')",
     "message": "use s3://bucket/prefix/ or a local path",
 }
-URI: JsonDict = {"x-kubernetes-validations": [URI_SCHEME], "maxLength": 1024}
+S3_BUCKET: JsonDict = {
+    "rule": f"!self.startsWith('s3://') || self.matches({cel_string(S3_URI)})",
+    "message": "use s3://<bucket>/<prefix> with a valid bucket name (3-63 of a-z, 0-9, '.', '-')",
+}
+URI: JsonDict = {"x-kubernetes-validations": [URI_SCHEME, S3_BUCKET], "pattern": NOT_BLANK}
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
-QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+def label_key_rule(var: str) -> str:
+    """CEL: the string `var` is a label key (its prefix at most DNS_SUBDOMAIN_MAX characters)."""
+    return (
+        f"{var}.size() <= {LABEL_KEY_MAX} && {var}.matches({cel_string(LABEL_KEY)}) "
+        f"&& {var}.indexOf('/') <= {DNS_SUBDOMAIN_MAX}"
+    )
+
+
+def label_key_problem(key: str) -> str | None:
+    """What is wrong with a label key (pydantic's side of label_key_rule), or None."""
+    if len(key) > LABEL_KEY_MAX or not matches(LABEL_KEY, key) or key.find("/") > DNS_SUBDOMAIN_MAX:
+        return (
+            f"{key!r} is not a label key: an optional DNS subdomain prefix of at most {DNS_SUBDOMAIN_MAX} "
+            f"characters and '/', then at most {DNS_LABEL_MAX} letters, digits, '-', '_' or '.', starting and "
+            "ending with a letter or digit (e.g. example.com/gpu-type)"
+        )
+    return None
+
+
+def name_limit(nodes: int) -> int:
+    """The longest FineTuneJob name for `nodes` nodes. The Job is Indexed, so the API server checks that its
+    last pod's hostname, <name>-<nodes-1>, is a DNS label; with more than one node, the headless Service
+    <name>-workers must be a DNS-1035 label too."""
+    limit = DNS_LABEL_MAX - 1 - len(str(nodes - 1))
+    if nodes > 1:
+        limit = min(limit, DNS_LABEL_MAX - len("-workers"))
+    return limit
+
+
+def name_problem(name: str, nodes: int) -> str | None:
+    """What is wrong with a FineTuneJob's name for `nodes` nodes (pydantic's side of NAME_RULE), or None."""
+    limit = name_limit(nodes)
+    if nodes > 1 and (len(name) > limit or not matches(DNS_1035_LABEL, name)):
+        return (
+            f"with spec.resources.nodes {nodes}, the name must be at most {limit} characters, start with a "
+            f"letter and hold only lowercase letters, digits and '-' (the pods are <name>-<index>, the headless "
+            "Service <name>-workers)"
+        )
+    if len(name) > limit or not matches(DNS_LABEL, name):
+        return (
+            f"the name must be at most {limit} characters of lowercase letters, digits and '-', starting and "
+            "ending with a letter or digit (the Job's pods are named <name>-<index>)"
+        )
+    return None
+
+
+def _piecewise(var: str, values: list[tuple[int, int]]) -> str:
+    """CEL for a step function given as (last argument, value) pairs in increasing order."""
+    (upto, value), *rest = values
+    return str(value) if not rest else f"({var} <= {upto} ? {value} : {_piecewise(var, rest)})"
+
+
+def _name_rule() -> JsonDict:
+    steps: list[tuple[int, int]] = []
+    for count in range(1, MAX_NODES + 1):
+        if steps and steps[-1][1] == name_limit(count):
+            steps[-1] = (count, steps[-1][1])
+        else:
+            steps.append((count, name_limit(count)))
+    nodes = "self.spec.resources.nodes"
+    name = "self.metadata.name"
+    rule = (
+        f"!has(self.spec) || !has(self.spec.resources) || !has({nodes}) || "
+        f"({name}.size() <= {_piecewise(nodes, steps)} && {name}.matches({cel_string(DNS_LABEL)}) "
+        f"&& ({nodes} <= 1 || {name}.matches({cel_string(DNS_1035_LABEL)})))"
+    )
+    return {
+        "rule": rule,
+        "message": f"metadata.name must be a DNS label of at most {name_limit(1)} characters (lowercase letters, "
+        f"digits, '-'; the Job's pods are <name>-<index>); with spec.resources.nodes > 1, at most "
+        f"{name_limit(2)} characters starting with a letter (the headless Service is <name>-workers)",
+    }
+
+
+#: The CRD's rule at the root of a FineTuneJob: the Job, its pods and its Service can be named after it.
+NAME_RULE = _name_rule()
+
+
+def free_form(depth: int) -> JsonDict:
+    """OpenAPI for a value that is a scalar, or maps and lists nesting at most `depth` levels (of at most
+    MAX_ITEMS entries; strings of at most MAX_STRING characters). Structural schemas have no union type
+    and CEL cannot see into untyped values, so the schema spells out each level: the last one admits only
+    scalars and empty maps and lists."""
+    node: JsonDict = {"x-kubernetes-preserve-unknown-fields": True, "maxLength": MAX_STRING}
+    if depth == 0:
+        return {**node, "maxProperties": 0, "maxItems": 0}
+    child = free_form(depth - 1)
+    return {**node, "maxProperties": MAX_ITEMS, "maxItems": MAX_ITEMS, "additionalProperties": child, "items": child}
+
+
+def free_form_value(value: Any, depth: int, path: str) -> Any:
+    """value as the API server stores it under free_form(depth), or a field_error naming where it breaks a
+    bound. As the server does, it drops the null values of every map the schema reaches (not those of the
+    last level's maps, nor nulls in lists). Recurses at most `depth` levels: a document nested a thousand
+    levels deep is refused at the first level past the bound, not walked."""
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise field_error(path, f"strings here hold at most {MAX_STRING} characters")
+    if not isinstance(value, dict | list):
+        return value
+    if depth == 0:
+        if value:
+            raise field_error(
+                path,
+                f"nested too deeply: a value of hyperparameters.extra is a scalar, or maps and lists nested at most "
+                f"{EXTRA_DEPTH} levels (TrainingArguments takes scalars, lists such as report_to, dicts such as "
+                "deepspeed)",
+            )
+        return value
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if v is not None}
+    if len(value) > MAX_ITEMS:
+        raise field_error(path, f"holds {len(value)} entries; at most {MAX_ITEMS}")
+    if isinstance(value, dict):
+        return {k: free_form_value(v, depth - 1, f"{path}.{k}") for k, v in value.items()}
+    return [free_form_value(v, depth - 1, f"{path}.{i}") for i, v in enumerate(value)]
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """A validation error that names a field elsewhere in the manifest (describe_errors shows `field`)."""
+    return PydanticCustomError("field", "{message}", {"field": field, "message": message})
+
+
+Text = Annotated[str, Field(max_length=MAX_STRING)]
+LabelValue = Annotated[str, Field(max_length=DNS_LABEL_MAX, pattern=LABEL_VALUE)]
+
+
+def _label_key(key: str) -> str:
+    problem = label_key_problem(key)
+    if problem:
+        raise ValueError(problem)
+    return key
+
+
+LabelKey = Annotated[
+    str,
+    Field(
+        max_length=LABEL_KEY_MAX,
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": label_key_rule("self"), "message": "not a label key"}]
+        },
+    ),
+    AfterValidator(_label_key),
+]
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    """Strict where the CRD is strict: no string for a number or a boolean, no number for a string (a float
+    field still takes an integer, as the CRD's `number` does). A null counts as leaving the field out, as
+    the API server prunes it, except in fields that take null on purpose (dataset.evalSplit)."""
 
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        nullable = _nullable_keys(cls)
+        return {k: v for k, v in data.items() if v is not None or k in nullable}
+
+
+def _nullable_keys(model: type[BaseModel]) -> set[str]:
+    """Names and aliases of the fields that take null."""
+    keys = set()
+    for name, info in model.model_fields.items():
+        if info.annotation is None or type(None) in get_args(info.annotation):
+            keys |= {name, info.alias or name}
+    return keys
+
+
+Int64 = Annotated[int, Field(le=INT64_MAX)]
+Int32 = Annotated[int, Field(le=INT32_MAX)]
 
 Every = Annotated[
-    Literal["epoch"] | Annotated[int, Field(gt=0)],
+    Literal["epoch"] | Annotated[int, Field(gt=0, le=INT64_MAX)],
     Field(description='"epoch", or a number of optimizer steps.'),
 ]
 
@@ -57,11 +278,11 @@ def _check_uri(value: str | None, field: str) -> str | None:
     """A URI is s3://bucket/prefix, file:///path or a plain local path; other schemes are errors."""
     if value is None:
         return None
-    if not value.strip():
+    if not matches(NOT_BLANK, value):
         raise ValueError(f"{field} is empty: give s3://bucket/prefix/ or a local path")
     if "://" in value and not value.startswith(URI_SCHEMES):
         raise ValueError(f"unsupported scheme in {value!r}: use s3://bucket/prefix/ or a local path")
-    if value.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", value):
+    if value.startswith("s3://") and not matches(S3_URI, value):
         raise ValueError(f"{value!r} is not s3://<bucket>/<prefix> with a valid bucket name")
     return value
 
@@ -71,11 +292,16 @@ class ModelSource(Model):
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [ONE_OF_ID_URI]})
 
-    id: str | None = Field(None, pattern=HUB_ID, description="Hugging Face Hub repository id, e.g. bert-base-cased.")
-    uri: str | None = Field(
+    id: str | None = Field(
+        None,
+        pattern=HUB_ID,
+        max_length=MAX_STRING,
+        description="Hugging Face Hub repository id, e.g. bert-base-cased.",
+    )
+    uri: Text | None = Field(
         None, description="s3://bucket/prefix/ or a local directory holding a saved model.", json_schema_extra=URI
     )
-    revision: str = Field("main", min_length=1, description="Hub revision (branch, tag or commit) when id is set.")
+    revision: Text = Field("main", min_length=1, description="Hub revision (branch, tag or commit) when id is set.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Explicit opt-in only.")
 
     _uri = field_validator("uri")(lambda v: _check_uri(v, "model.uri"))
@@ -92,25 +318,28 @@ class DatasetSource(Model):
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [ONE_OF_ID_URI]})
 
-    id: str | None = Field(None, pattern=HUB_ID, description="Hugging Face Hub dataset id, e.g. nyu-mll/glue.")
-    config: str | None = Field(None, description="Hub dataset configuration, e.g. mrpc.")
-    uri: str | None = Field(
+    id: str | None = Field(
+        None, pattern=HUB_ID, max_length=MAX_STRING, description="Hugging Face Hub dataset id, e.g. nyu-mll/glue."
+    )
+    config: Text | None = Field(None, description="Hub dataset configuration, e.g. mrpc.")
+    uri: Text | None = Field(
         None,
         description="s3://bucket/prefix/ or a local directory with one csv, jsonl or parquet file per split, "
         "named <split>.<ext>.",
         json_schema_extra=URI,
     )
-    train_split: str = Field("train", min_length=1, description="Split (or file name under uri) to train on.")
-    eval_split: str | None = Field(
+    train_split: Text = Field("train", min_length=1, description="Split (or file name under uri) to train on.")
+    eval_split: Text | None = Field(
         "validation", description="Split (or file name under uri) to evaluate on; null to skip evaluation."
     )
-    text_fields: list[str] = Field(
+    text_fields: list[Text] = Field(
         ["sentence1", "sentence2"],
         min_length=1,
         max_length=2,
         description="One text column, or two for sentence pairs.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
-    label_field: str = Field("label", min_length=1, description="Column holding the label (integers or strings).")
+    label_field: Text = Field("label", min_length=1, description="Column holding the label (integers or strings).")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per example after truncation.")
 
     _uri = field_validator("uri")(lambda v: _check_uri(v, "dataset.uri"))
@@ -128,7 +357,7 @@ class Hyperparameters(Model):
     """A curated, validated subset of transformers.TrainingArguments."""
 
     epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: Int64 | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float = Field(5.0e-5, gt=0, le=1, description="Peak learning rate of AdamW.")
     batch_size: int = Field(
         8,
@@ -143,7 +372,7 @@ class Hyperparameters(Model):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    seed: int = Field(42, ge=0, description="Seed for model init, data order and dropout.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed for model init, data order and dropout.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."
     )
@@ -170,14 +399,28 @@ class Hyperparameters(Model):
     eval_every: Every = "epoch"
     extra: dict[str, Any] = Field(
         {},
-        description="Other TrainingArguments keys (snake_case), checked against TrainingArguments before training.",
+        max_length=MAX_ITEMS,
+        description="Other TrainingArguments keys (snake_case), checked against TrainingArguments before training. "
+        f"A value is a scalar, or maps and lists nested at most {EXTRA_DEPTH} levels.",
+        json_schema_extra={"additionalProperties": free_form(EXTRA_DEPTH)},
     )
+
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _bounded_extra(cls, value: Any) -> Any:
+        # Before pydantic walks the value: a document nested without bound is refused, not walked.
+        if not isinstance(value, dict):
+            return value  # pydantic names the type error
+        kept = {k: v for k, v in value.items() if v is not None}
+        if len(kept) > MAX_ITEMS:
+            return kept  # pydantic names the size error
+        return {k: free_form_value(v, EXTRA_DEPTH, f"spec.hyperparameters.extra.{k}") for k, v in kept.items()}
 
 
 class Checkpoints(Model):
     """Where and how often checkpoints are committed; a restarted job resumes from the newest."""
 
-    uri: str | None = Field(
+    uri: Text | None = Field(
         None,
         description="s3://bucket/prefix/ or a local directory; default <operator checkpoint root>/<ns>/<name>/.",
         json_schema_extra=URI,
@@ -191,7 +434,7 @@ class Checkpoints(Model):
 class Output(Model):
     """Where the final model, tokenizer, metrics.json and model card go."""
 
-    uri: str | None = Field(None, description="s3://bucket/prefix/ or a local directory.", json_schema_extra=URI)
+    uri: Text | None = Field(None, description="s3://bucket/prefix/ or a local directory.", json_schema_extra=URI)
 
     _uri = field_validator("uri")(lambda v: _check_uri(v, "output.uri"))
 
@@ -200,13 +443,18 @@ class Storage(Model):
     """The S3-compatible endpoint for s3:// URIs; credentials come from a Secret, never inline."""
 
     endpoint: str | None = Field(
-        None, pattern=r"^https?://[^\s/]+(/.*)?$", description="http(s)://host:port of the S3 API."
+        None,
+        pattern=r"^https?://[!-.0-~]+(/[!-~]*)?$",
+        max_length=MAX_STRING,
+        description="http(s)://host:port of the S3 API.",
     )
-    region: str | None = Field(None, pattern=r"^[a-z0-9-]+$", description="S3 region, e.g. us-east-1.")
+    region: str | None = Field(
+        None, pattern=r"^[a-z0-9-]+$", max_length=DNS_LABEL_MAX, description="S3 region, e.g. us-east-1."
+    )
     credentials_secret: str | None = Field(
         None,
         pattern=DNS_SUBDOMAIN,
-        max_length=253,
+        max_length=DNS_SUBDOMAIN_MAX,
         description="Secret in the same namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.",
     )
 
@@ -215,36 +463,97 @@ class Resources(Model):
     """Compute per node."""
 
     gpus: int = Field(1, ge=0, le=16, description="GPUs per node; the job runs one process per GPU.")
-    nodes: int = Field(1, ge=1, le=64, description="Nodes; more than 1 runs torchrun across an Indexed Job.")
-    cpu: str | None = Field(None, pattern=QUANTITY, description='CPU request per node, e.g. "8".')
-    memory: str | None = Field(None, pattern=QUANTITY, description='Memory request per node, e.g. "32Gi".')
+    nodes: int = Field(
+        1, ge=1, le=MAX_NODES, description="Nodes; more than 1 runs torchrun across pods of an Indexed Job."
+    )
+    cpu: str | None = Field(None, pattern=QUANTITY, max_length=32, description='CPU request per node, e.g. "8".')
+    memory: str | None = Field(
+        None, pattern=QUANTITY, max_length=32, description='Memory request per node, e.g. "32Gi".'
+    )
+
+
+#: Kubernetes' own rules for a toleration, as CEL (Toleration enforces the same in pydantic).
+TOLERATION_RULES: list[JsonDict] = [
+    {
+        "rule": "has(self.key) || self.operator == 'Exists'",
+        "message": "a toleration without a key must use operator Exists (it matches every taint)",
+    },
+    {
+        "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "message": "a toleration with operator Exists has no value",
+    },
+    {
+        "rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        "message": "tolerationSeconds needs effect NoExecute",
+    },
+]
 
 
 class Toleration(Model):
     """A Kubernetes toleration."""
 
-    key: str | None = Field(None, description="Taint key; empty with operator Exists matches every taint.")
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": list(TOLERATION_RULES)})
+
+    key: LabelKey | None = Field(None, description="Taint key; empty with operator Exists matches every taint.")
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
-    value: str | None = Field(None, description="Taint value for operator Equal.")
+    value: LabelValue | None = Field(None, description="Taint value for operator Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect.")
-    toleration_seconds: int | None = Field(None, ge=0, description="How long a NoExecute taint is tolerated.")
+    toleration_seconds: Int64 | None = Field(None, ge=0, description="How long a NoExecute taint is tolerated.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.key is None and self.operator != "Exists":
+            raise ValueError(TOLERATION_RULES[0]["message"])
+        if self.operator == "Exists" and self.value:
+            raise ValueError(TOLERATION_RULES[1]["message"])
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError(TOLERATION_RULES[2]["message"])
+        return self
 
 
 class Scheduling(Model):
     """Where the pods may run."""
 
-    node_selector: dict[str, str] = Field({}, description="Node labels the pods require.")
-    tolerations: list[Toleration] = Field([], description="Taints the pods tolerate.")
-    priority_class_name: str = Field("", description="PriorityClass of the pods.")
-    queue_name: str = Field("", description="Kueue LocalQueue; the Job is created suspended and Kueue admits it.")
+    node_selector: dict[str, LabelValue] = Field(
+        {},
+        max_length=MAX_ITEMS,
+        description="Node labels the pods require.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.all(k, {label_key_rule('k')})",
+                    "message": "every key must be a label key (e.g. example.com/gpu-type)",
+                }
+            ]
+        },
+    )
+    tolerations: list[Toleration] = Field([], max_length=MAX_ITEMS, description="Taints the pods tolerate.")
+    priority_class_name: str = Field(
+        "",
+        max_length=DNS_SUBDOMAIN_MAX,
+        pattern=f"^({DNS_SUBDOMAIN.strip('^$')})?$",
+        description="PriorityClass of the pods.",
+    )
+    queue_name: LabelValue = Field(
+        "", description="Kueue LocalQueue; the Job is created suspended and Kueue admits it."
+    )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            problem = label_key_problem(key)
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 class RunPolicy(Model):
     """Retries, deadlines and suspension."""
 
     max_retries: int = Field(3, ge=0, le=100, description="Failures that count; preemption never counts.")
-    active_deadline_seconds: int | None = Field(None, gt=0, description="Fail the job after this many seconds.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the Job this long after it ends.")
+    active_deadline_seconds: Int64 | None = Field(None, gt=0, description="Fail the job after this many seconds.")
+    ttl_seconds_after_finished: Int32 | None = Field(None, ge=0, description="Delete the Job this long after it ends.")
     suspend: bool = Field(False, description="Suspend (true) or resume (false) the job; it resumes from a checkpoint.")
 
 
@@ -256,18 +565,29 @@ class FineTuneJobSpec(Model):
     dataset: DatasetSource = Field(description="The training and evaluation data.")
     hyperparameters: Hyperparameters = Field(Hyperparameters(), description="Training arguments.")
     metrics: list[Literal[METRICS]] = Field(  # type: ignore[valid-type]
-        ["accuracy", "f1"], max_length=len(METRICS), description="Evaluation metrics; the first one is shown first."
+        ["accuracy", "f1"],
+        max_length=len(METRICS),
+        description="Evaluation metrics; the first one is shown first.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     checkpoints: Checkpoints = Field(Checkpoints(), description="Checkpoint location and cadence.")
     output: Output = Field(Output(), description="Where the final model goes.")
     storage: Storage = Field(Storage(), description="S3-compatible storage settings.")
     hub_token_secret: str | None = Field(
-        None, pattern=DNS_SUBDOMAIN, max_length=253, description="Secret in the same namespace with key HF_TOKEN."
+        None,
+        pattern=DNS_SUBDOMAIN,
+        max_length=DNS_SUBDOMAIN_MAX,
+        description="Secret in the same namespace with key HF_TOKEN.",
     )
     resources: Resources = Field(Resources(), description="GPUs, nodes, CPU and memory.")
     scheduling: Scheduling = Field(Scheduling(), description="Node selection, tolerations, priority and queue.")
     run_policy: RunPolicy = Field(RunPolicy(), description="Retries, deadlines and suspension.")
-    image: str = Field("", description="Job image; empty for the operator's default. Admins may restrict prefixes.")
+    image: str = Field(
+        "",
+        max_length=512,
+        pattern=NO_SPACE,
+        description="Job image; empty for the operator's default. Admins may restrict prefixes.",
+    )
 
     @field_validator("metrics")
     @classmethod
@@ -280,10 +600,10 @@ class FineTuneJobSpec(Model):
 class Metadata(BaseModel):
     """The part of Kubernetes object metadata kubetune reads; the rest is passed through untouched."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    name: str = Field(pattern=DNS_LABEL, max_length=63, description="FineTuneJob name.")
-    namespace: str | None = Field(None, pattern=DNS_LABEL, max_length=63)
+    name: str = Field(pattern=DNS_LABEL, max_length=DNS_LABEL_MAX, description="FineTuneJob name.")
+    namespace: str | None = Field(None, pattern=DNS_LABEL, max_length=DNS_LABEL_MAX)
 
 
 class FineTuneJob(Model):
@@ -295,6 +615,13 @@ class FineTuneJob(Model):
     spec: FineTuneJobSpec
     status: dict[str, Any] | None = Field(None, description="Written by the operator; ignored on input.")
 
+    @model_validator(mode="after")
+    def _name_fits(self) -> FineTuneJob:
+        problem = name_problem(self.metadata.name, self.spec.resources.nodes)
+        if problem:
+            raise field_error("metadata.name", problem)
+        return self
+
 
 class SpecError(ValueError):
     """A manifest that is not a valid FineTuneJob; `problems` lists one line per field."""
@@ -302,7 +629,8 @@ class SpecError(ValueError):
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
         self.problems = problems
-        super().__init__(f"{source}: invalid FineTuneJob:\n" + "\n".join(f"  {p}" for p in problems))
+        listed = f" {problems[0]}" if len(problems) == 1 else "".join(f"\n  {p}" for p in problems)
+        super().__init__(f"{source}: invalid FineTuneJob:{listed}")
 
 
 def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
@@ -310,6 +638,8 @@ def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for e in error.errors():
         loc = prefix + ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+        if e["type"] == "field":  # field_error: the check ran on a parent, the field is named in ctx
+            loc = e["ctx"]["field"]
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check the spelling against `kubectl explain ftj.spec` or the API reference"
@@ -345,6 +675,15 @@ def load_manifest(path: str | Path) -> FineTuneJob:
         raise SpecError(str(path), [f"cannot read the file: {e.strerror}"]) from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except RecursionError:
+        # The YAML parser recurses once per level of nesting; a manifest needs a handful.
+        raise SpecError(
+            str(path),
+            [
+                "the document nests maps and lists too deeply to read (values of spec.hyperparameters.extra nest "
+                f"at most {EXTRA_DEPTH} levels)"
+            ],
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

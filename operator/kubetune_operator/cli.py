@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -16,15 +17,52 @@ def _validate(args: argparse.Namespace) -> int:
     from kubetune_job.spec import SpecError, load_manifest
 
     failed = False
+    known: set[str] | None = None
     for path in args.files:
         try:
             job = load_manifest(path)
+            extra = job.spec.hyperparameters.extra
+            if extra:
+                known = _training_argument_names() if known is None else known
+                _check_extra(extra, known, path)
         except SpecError as e:
             print(e, file=sys.stderr)
             failed = True
         else:
             print(f"{path}: valid FineTuneJob {job.metadata.name!r}")
+    if known is not None and not known:
+        print(
+            "note: transformers is not installed here, so hyperparameters.extra was not checked against "
+            "TrainingArguments (the job checks it before training)",
+            file=sys.stderr,
+        )
     return int(ExitCode.INVALID_CONFIG) if failed else 0
+
+
+def _training_argument_names() -> set[str]:
+    """The fields of transformers.TrainingArguments, or an empty set where transformers is not installed
+    (the job image has it; `kubetune validate` also runs from the operator's lighter install)."""
+    import dataclasses
+
+    try:
+        from transformers import TrainingArguments
+    except ImportError:
+        return set()
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def _check_extra(extra: dict[str, Any], known: set[str], path: Path) -> None:
+    """The job's own check of hyperparameters.extra, so validate refuses what the job would."""
+    from kubetune_job.errors import ConfigError
+    from kubetune_job.spec import SpecError
+    from kubetune_job.training import check_extra
+
+    if not known:
+        return
+    try:
+        check_extra(extra, known)
+    except ConfigError as e:
+        raise SpecError(str(path), [f"{e.field}: {e.message}"]) from None
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -3,9 +3,11 @@
 pydantic emits JSON Schema; Kubernetes wants a structural OpenAPI v3 schema. This module inlines
 references, turns optional unions into plain typed fields, int-or-string unions into
 `x-kubernetes-int-or-string`, free-form maps into `x-kubernetes-preserve-unknown-fields`, and adds
-the CEL rules: one-of fields, URI schemes (both from spec.py) and immutability of everything but
-spec.MUTABLE_FIELDS. Strings, lists and maps get upper bounds so the API server can bound the cost
-of the CEL rules.
+the CEL rules: those spec.py declares (one-of fields, URI schemes, label keys, tolerations, the
+name's length per node count) and immutability of everything but spec.MUTABLE_FIELDS. Every bound
+comes from spec.py, so `kubetune validate` and the API server give the same answer; a string, list,
+map or integer without an upper bound there is an error here (the API server needs the bounds to cost
+the CEL rules, and a bound the CLI does not share is a disagreement).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from kubetune_job import spec as api
 
 GROUP, VERSION = api.API_VERSION.split("/")
 PLURAL, SINGULAR, SHORT = "finetunejobs", "finetunejob", "ftj"
-MAX_STRING, MAX_ITEMS = 1024, 64
 _DROP = {"title", "additionalProperties", "$defs"}
+#: The upper bound each kind of node must carry, in OpenAPI's spelling.
+_BOUNDS = {"string": "maxLength", "array": "maxItems", "integer": "maximum"}
 
 
 def _inline(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +56,10 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     node = _inline(node, defs)
     if "anyOf" in node:
         return _union(node, defs)
+    if node.get("x-kubernetes-preserve-unknown-fields") and "type" not in node:
+        return node  # already OpenAPI (spec.free_form): any value, nested to a bound
+    if "propertyNames" in node:
+        raise ValueError(f"CRDs cannot bound map keys ({node.get('description')}): give the map a CEL rule")
     out: dict[str, Any] = {k: v for k, v in node.items() if k not in _DROP and not k.startswith("exclusive")}
     for bound in ("Minimum", "Maximum"):
         if f"exclusive{bound}" in node:  # JSON Schema 2020 numbers -> OpenAPI v3.0 booleans
@@ -64,22 +71,31 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         del out["default"]
     kind = out.get("type")
     if kind == "object" or "properties" in node:
-        out["type"] = "object"
-        if "properties" in node:
-            out["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
-            if isinstance(out.get("default"), dict):
-                out["default"] = {}  # nested defaults fill in from the properties' own defaults
-        elif isinstance(node.get("additionalProperties"), dict) and node["additionalProperties"]:
-            out["additionalProperties"] = structural(node["additionalProperties"], defs)
-            out.setdefault("maxProperties", MAX_ITEMS)
-        else:
-            out["x-kubernetes-preserve-unknown-fields"] = True
+        _object(out, node, defs)
     elif kind == "array":
         out["items"] = structural(node["items"], defs)
-        out.setdefault("maxItems", MAX_ITEMS)
-    elif kind == "string" and "enum" not in out:
-        out.setdefault("maxLength", MAX_STRING)
+    if kind in _BOUNDS and "enum" not in out:
+        _require(out, _BOUNDS[kind])
     return out
+
+
+def _object(out: dict[str, Any], node: dict[str, Any], defs: dict[str, Any]) -> None:
+    """An object's fields, a map's values, or (with neither) any fields."""
+    out["type"] = "object"
+    if "properties" in node:
+        out["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
+        if isinstance(out.get("default"), dict):
+            out["default"] = {}  # nested defaults fill in from the properties' own defaults
+    elif isinstance(node.get("additionalProperties"), dict) and node["additionalProperties"]:
+        out["additionalProperties"] = structural(node["additionalProperties"], defs)
+        _require(out, "maxProperties")
+    else:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+
+
+def _require(node: dict[str, Any], bound: str) -> None:
+    if bound not in node:
+        raise ValueError(f"no {bound} on {node.get('description') or node}: give the field a bound in spec.py")
 
 
 def immutability(properties: dict[str, Any]) -> list[dict[str, str]]:
@@ -224,6 +240,7 @@ def crd() -> dict[str, Any]:
                             "type": "object",
                             "description": api.FineTuneJob.__doc__,
                             "required": ["spec"],
+                            "x-kubernetes-validations": [api.NAME_RULE],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
