@@ -103,7 +103,7 @@ def operator_process(kubeconfig: Path, workdir: Path, **settings: str) -> Iterat
         proc = subprocess.Popen([sys.executable, "-m", "kubetune_operator"], env=env, stdout=out, stderr=out)
     try:
         processes.wait_for_http(f"http://127.0.0.1:{health}/healthz", process=None, timeout=60)
-        yield {"process": proc, "metrics_port": metrics, "log": log}
+        yield {"process": proc, "metrics_port": metrics, "health_port": health, "log": log}
     finally:
         proc.terminate()
         try:

@@ -117,6 +117,13 @@ class ControlPlane:
             proc.stop(grace=10.0)
         self.components.clear()
 
+    def restart_apiserver(self, *, down: float, timeout: float = 180.0) -> None:
+        """A fault: stop the API server for `down` seconds, then start it again on the same port."""
+        self.components.pop("kube-apiserver").stop(grace=10.0)
+        time.sleep(down)
+        port = int(self.server.rsplit(":", 1)[1])
+        self._start_apiserver(port=port, token_file=self.workdir / "tokens.csv", timeout=timeout)
+
     # --- the components, in start order
 
     def _spawn(self, name: str, argv: Sequence[str]) -> processes.Process:
