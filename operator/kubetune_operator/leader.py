@@ -122,6 +122,18 @@ def identity_of(settings: OperatorSettings) -> str:
     return settings.pod_name or f"{socket.gethostname()}_{os.getpid()}"
 
 
+def _until(deadline: float) -> float:
+    """A request's timeout: what is left until `deadline` (monotonic), never quite nothing."""
+    return max(0.1, deadline - time.monotonic())
+
+
+def _why(error: Exception) -> str:
+    """One line about a failed request (an ApiException's text carries every response header)."""
+    if isinstance(error, ApiException):
+        return f"{error.status} {error.reason}"
+    return str(error) or type(error).__name__
+
+
 def _json(response: Any) -> dict[str, Any]:
     """The body of a response read with _preload_content=False."""
     return dict(json.loads(response.data))
@@ -173,10 +185,10 @@ class Elector:
 
     # --- I/O
 
-    def _read(self, timeout: float) -> dict[str, Any] | None:
+    def _read(self, deadline: float) -> dict[str, Any] | None:
         try:
             response = self._api.read_namespaced_lease(
-                self.name, self.namespace, _preload_content=False, _request_timeout=timeout
+                self.name, self.namespace, _preload_content=False, _request_timeout=_until(deadline)
             )
         except ApiException as e:
             if e.status == 404:
@@ -184,7 +196,7 @@ class Elector:
             raise
         return _json(response)
 
-    def _write(self, spec: dict[str, Any], timeout: float) -> bool:
+    def _write(self, spec: dict[str, Any], deadline: float) -> bool:
         """Create the Lease, or replace the one last read; False when another write came first (409)."""
         # Plain JSON both ways (the client's models would re-spell MicroTimes): Any for its typed signatures.
         body: Any = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": spec}
@@ -192,12 +204,12 @@ class Elector:
             if self._lease is None:
                 body["metadata"] = {"name": self.name, "namespace": self.namespace}
                 response = self._api.create_namespaced_lease(
-                    self.namespace, body, _preload_content=False, _request_timeout=timeout
+                    self.namespace, body, _preload_content=False, _request_timeout=_until(deadline)
                 )
             else:
                 body["metadata"] = {**self._lease["metadata"]}  # resourceVersion: replace only what was read
                 response = self._api.replace_namespaced_lease(
-                    self.name, self.namespace, body, _preload_content=False, _request_timeout=timeout
+                    self.name, self.namespace, body, _preload_content=False, _request_timeout=_until(deadline)
                 )
         except ApiException as e:
             if e.status == 409:
@@ -206,11 +218,12 @@ class Elector:
         self._lease = _json(response)
         return True
 
-    def _round(self, timeout: float) -> tuple[Action, Record | None]:
-        """Read the Lease, decide, and write if acquiring or renewing. Returns what was done (WAIT when
-        another candidate holds the Lease or won the race to write it) and the record read."""
+    def _round(self, deadline: float) -> tuple[Action, Record | None]:
+        """Read the Lease, decide, and write if acquiring or renewing, both by `deadline` (monotonic).
+        Returns what was done (WAIT when another candidate holds the Lease or won the race to write it)
+        and the record read."""
         started = time.monotonic()
-        self._lease = self._read(timeout)
+        self._lease = self._read(deadline)
         record = Record.of(self._lease)
         self._seen = observe(self._seen, record, started)
         action = decide(
@@ -223,7 +236,7 @@ class Elector:
         if action is Action.WAIT:
             return action, record
         spec = claim(record, identity=self.identity, now=datetime.now(UTC), lease_duration=self.lease_duration)
-        if not self._write(spec, timeout):
+        if not self._write(spec, deadline):
             return Action.WAIT, record
         self._renewed_at = started
         return action, record
@@ -235,9 +248,9 @@ class Elector:
         holder = None
         while True:
             try:
-                action, record = self._round(timeout=self.renew_period)
+                action, record = self._round(time.monotonic() + self.renew_period)
             except Exception as e:  # the API server may be away: keep looking
-                log.warning("cannot read or write the Lease %s/%s: %s", self.namespace, self.name, e)
+                log.warning("cannot read or write the Lease %s/%s: %s", self.namespace, self.name, _why(e))
             else:
                 if action is not Action.WAIT:
                     log.info("leading as %s (Lease %s/%s)", self.identity, self.namespace, self.name)
@@ -261,10 +274,11 @@ class Elector:
                 self._on_lost(f"the Lease was not renewed for {give_up_after} s")
                 return
             try:
-                action, record = self._round(timeout=min(remaining, self.renew_period))
+                action, record = self._round(time.monotonic() + min(remaining, self.renew_period))
             except Exception as e:
-                log.warning("cannot renew the Lease %s/%s: %s", self.namespace, self.name, e)
-                pause = min(1.0, remaining)  # retry soon: the deadline is near
+                log.warning("cannot renew the Lease %s/%s: %s", self.namespace, self.name, _why(e))
+                # Retry soon, and look at the deadline again no later than when it passes.
+                pause = max(0.0, min(1.0, self._renewed_at + give_up_after - time.monotonic()))
                 continue
             if action is Action.WAIT:
                 self._on_lost(f"the Lease is held by {record.holder if record else 'another candidate'}")
@@ -276,16 +290,17 @@ class Elector:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.renew_period)
+        deadline = time.monotonic() + self.renew_period
         try:
-            lease = self._read(timeout=self.renew_period)
+            lease = self._read(deadline)
             record = Record.of(lease)
             if record is None or record.holder != self.identity:
                 return
             self._lease = lease
-            if self._write(released(record, now=datetime.now(UTC)), timeout=self.renew_period):
+            if self._write(released(record, now=datetime.now(UTC)), deadline):
                 log.info("released the Lease %s/%s", self.namespace, self.name)
         except Exception as e:  # it then expires on its own
-            log.warning("cannot release the Lease %s/%s: %s", self.namespace, self.name, e)
+            log.warning("cannot release the Lease %s/%s: %s", self.namespace, self.name, _why(e))
 
 
 class _Standby(BaseHTTPRequestHandler):

@@ -172,6 +172,23 @@ def test_a_stopping_leader_releases_the_lease_so_the_standby_takes_over_at_once(
         assert_one_writer(control_plane, namespace, ["after-release"])
 
 
+def test_a_leader_that_cannot_renew_exits_before_its_lease_expires(
+    control_plane: Any, account: Path, namespace: str, testbed_dir: Path
+) -> None:
+    """With its Lease access revoked, the leader cannot renew and exits non-zero (to restart as a
+    standby) instead of acting on without the Lease."""
+    lease = f"op-{namespace}"[:63]
+    lease_access(control_plane, lease)
+    with replica(account, testbed_dir / "leader" / namespace, lease=lease, identity="a") as leading:
+        wait_for("a to lead", lambda: holder(control_plane, lease) == "a", timeout=60)
+        kubectl(control_plane, "delete", "rolebinding", f"leases-{lease}", "-n", OPERATOR_NAMESPACE)
+        code = wait_for(
+            "the leader to exit", lambda: leading["process"].poll(), timeout=DURATION + TAKEOVER_SLACK, every=0.2
+        )
+        assert code != 0
+        assert "leadership lost" in leading["log"].read_text()
+
+
 @pytest.fixture
 def namespaced_account(control_plane: Any, namespace: str, testbed_dir: Path) -> Iterator[Path]:
     """A ServiceAccount granted rbac.RULES by a Role in `namespace` only (what the chart's
