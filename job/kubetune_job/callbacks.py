@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .checkpoints import CheckpointStore, checkpoint_dir, freeze
 from .errors import Preempted
+from .summary import Lineage, resumed_lineage
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +116,35 @@ class CommitCheckpoints(TrainerCallback):
         log.info("committed checkpoint-%d to %s (%.1f MB in %.2f s)", step, self.store.storage.uri, size / 1e6, took)
 
 
-class RunAccount(TrainerCallback):
+class RunAccount(TrainerCallback, ExportableState):
     """Counts the optimizer steps and the training samples this process trained on, to prove that a
     resume repeated and skipped none. Samples are counted as the model sees them (a forward hook in
-    training mode), so batches the data loader prefetched but never trained on do not count."""
+    training mode), so batches the data loader prefetched but never trained on do not count.
+
+    It also keeps the run's record across attempts (summary.Lineage): as an ExportableState its record
+    goes into every checkpoint's trainer_state.json, which the commit manifest covers, and a resumed
+    attempt reads it back from the state the Trainer restored. The Trainer's own restoring of callback
+    states stays off (training.MANAGED): it would replace this instance with a new one.
+    """
 
     def __init__(self) -> None:
         self.steps = 0
         self.total_steps = 0
         self.samples = 0
+        self.world_size = 1
+        self.lineage = Lineage()
+        self._began: float | None = None
         self._hook: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.total_steps = state.max_steps
+        self.world_size = args.world_size
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        record = saved.get("attributes") if isinstance(saved, dict) else None
+        self.lineage = resumed_lineage(record, step=state.global_step)
+        # A checkpoint from before this record existed lacks the entry the Trainer's save updates in place.
+        state.stateful_callbacks[type(self).__name__] = self.state()
+        self._began = time.monotonic()
         model = kwargs.get("model")
         if model is not None and self._hook is None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
@@ -139,3 +157,25 @@ class RunAccount(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.steps += 1
+
+    @property
+    def run_samples(self) -> int:
+        """Samples all processes trained on in this attempt (each process sees as many)."""
+        return self.samples * self.world_size
+
+    def state(self) -> dict[str, Any]:
+        """The record a checkpoint saved now carries (called by the Trainer as it saves one)."""
+        seconds = time.monotonic() - self._began if self._began is not None else 0.0
+        return {"args": {}, "attributes": self.lineage.record(seconds=seconds, samples=self.run_samples)}
+
+
+class LogAtSaves(TrainerCallback):
+    """Logs the training loss at every checkpoint, so that each one records the loss of every step up to
+    it and a resumed run's mean loss covers every step (summary.run_loss). Registered last, to see the
+    saves that other callbacks (the SIGTERM handler) ask for."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        control.should_log = control.should_log or control.should_save
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        control.should_log = control.should_log or control.should_save

@@ -117,7 +117,7 @@ def table(summary: dict[str, Any]) -> str:
     else:
         rows.append(("steps", f"{summary['finalStep']}/{summary['totalSteps']} (epoch {summary['epoch']})"))
         if summary.get("resumedFromStep"):
-            rows.append(("resumed from", f"step {summary['resumedFromStep']}"))
+            rows.append(("resumed from", f"step {summary['resumedFromStep']} (attempt {summary.get('attempt', '?')})"))
         rows += [(k, f"{v:.4f}") for k, v in summary.get("metrics", {}).items()]
         rows += [("samples/s", f"{summary['trainSamplesPerSecond']:.1f}"), ("model", summary["outputUri"])]
         rows += [("warning", w) for w in summary.get("warnings") or []]

@@ -17,6 +17,7 @@ from .errors import ExitCode, JobError, ModelError, Preempted
 from .settings import JobSettings
 from .spec import FineTuneJobSpec, SpecError
 from .storage import StorageOptions, check_writable, download_prefix, is_remote, local_path, open_storage
+from .summary import per_second, run_loss
 from .summary import write as write_summary
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ def progress(
         "totalSteps": trainer.state.max_steps,
         "epoch": round(float(trainer.state.epoch or 0), 4),
         "resumedFromStep": resumed or 0,
+        "attempt": account.lineage.attempt,
         "stepsThisRun": account.steps,
         "samplesThisRun": account.samples,
         "lastCheckpointStep": commit.last_committed or resumed,
@@ -137,7 +139,7 @@ def run(
     """
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, set_seed
 
-    from .callbacks import CommitCheckpoints, RunAccount
+    from .callbacks import CommitCheckpoints, LogAtSaves, RunAccount
     from .distributed import SaveBarrier, from_main, is_local_main, is_main, local_main_first
     from .output import model_card, save
     from .preemption import Preemption
@@ -200,6 +202,7 @@ def run(
             preemption,
             *([job_metrics.callback(commit)] if job_metrics else []),
             *callbacks,
+            LogAtSaves(),  # last: it sees every save the others ask for
         ],
     )
     if not console_logs:
@@ -216,13 +219,21 @@ def run(
         raise stopped
     step = trainer.state.global_step
     evaluation = (last_eval(trainer.state.log_history, step) or trainer.evaluate()) if has_eval else {}
-    metrics = camel_metrics(scores({"train_loss": result.training_loss, **evaluation}))
+    lineage = account.lineage
+    loss = run_loss(
+        trainer.state.log_history, start_steps=lineage.start_steps, final_step=step, attempt_loss=result.training_loss
+    )
+    metrics = camel_metrics(scores({"train_loss": loss, **evaluation}))
+    seconds = float(result.metrics.get("train_runtime", 0.0))  # this attempt's, as the Trainer measured it
 
     summary: dict[str, Any] = {
         "phase": "Succeeded",
         **progress(trainer, account, commit, resumed, store.warnings),
         "metrics": metrics,
-        "trainSamplesPerSecond": round(float(result.metrics.get("train_samples_per_second", 0.0)), 3),
+        # Over the whole run: every attempt's samples and training time up to the checkpoint it ended with
+        "trainSamplesPerSecond": per_second(lineage.samples + account.run_samples, lineage.seconds + seconds),
+        "trainSeconds": round(lineage.seconds + seconds, 3),
+        "trainSecondsThisRun": round(seconds, 3),
         "outputUri": output_uri,
         "labels": labels,
     }

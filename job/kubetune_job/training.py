@@ -45,6 +45,8 @@ MANAGED = {
     "save_steps": "checkpoints.every",
     "save_total_limit": "checkpoints.keep",
     "resume_from_checkpoint": "checkpoints.uri",
+    # kubetune resumes its own callbacks' state; the Trainer's restore would replace them with new instances
+    "restore_callback_states_from_checkpoint": "checkpoints.uri",
     "push_to_hub": "output.uri",
     "hub_model_id": "output.uri",
     "hub_token": "hubTokenSecret",

@@ -1,17 +1,22 @@
-"""Decisions about training: precision, TrainingArguments mapping, metric names, the task registry."""
+"""Decisions about training: precision, TrainingArguments mapping, metric names, the task registry, and the
+run record a checkpoint carries to the next attempt."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from transformers import TrainerControl, TrainerState
 
 from kubetune_job import spec as spec_module
+from kubetune_job.callbacks import LogAtSaves, RunAccount
 from kubetune_job.errors import ConfigError
 from kubetune_job.spec import parse_manifest
+from kubetune_job.summary import Lineage
 from kubetune_job.tasks import TASKS
 from kubetune_job.train import camel_metrics, scores
-from kubetune_job.training import arguments, resolve_precision
+from kubetune_job.training import arguments, check_extra, resolve_precision
 from tests.unit.test_spec import GOOD
 
 
@@ -63,3 +68,53 @@ def test_every_metric_the_api_accepts_is_shipped() -> None:
 
     for name in spec_module.METRICS:
         assert (module_path(name) / f"{name}.py").is_file()
+
+
+def test_the_trainers_own_callback_restore_is_refused() -> None:
+    """restore_callback_states_from_checkpoint in extra would swap kubetune's callbacks for new instances."""
+    with pytest.raises(ConfigError) as e:
+        check_extra({"restore_callback_states_from_checkpoint": True}, {"restore_callback_states_from_checkpoint"})
+    assert e.value.field == "spec.hyperparameters.extra.restore_callback_states_from_checkpoint"
+
+
+def test_every_checkpoint_logs_the_loss() -> None:
+    """A step or epoch end that saves also logs, so a checkpoint's history covers each of its steps."""
+    saving, plain = TrainerControl(should_save=True), TrainerControl()
+    LogAtSaves().on_step_end(None, None, saving)
+    LogAtSaves().on_step_end(None, None, plain)
+    assert saving.should_log and not plain.should_log
+    at_epoch = TrainerControl(should_save=True)
+    LogAtSaves().on_epoch_end(None, None, at_epoch)
+    assert at_epoch.should_log
+
+
+def begin(account: RunAccount, state: TrainerState) -> None:
+    account.on_train_begin(SimpleNamespace(world_size=2), state, TrainerControl())
+
+
+def test_the_run_record_travels_in_trainer_state_json(tmp_path: Path) -> None:
+    """What attempt 1 records at its checkpoint (JSON, as the Trainer saves it) starts attempt 2's lineage."""
+    first = RunAccount()
+    state = TrainerState(stateful_callbacks=[first])  # as the Trainer builds it for a fresh run
+    begin(first, state)
+    first.samples = 80  # per process; 2 processes
+    state.global_step = 20
+    state.stateful_callbacks["RunAccount"] = first.state()  # what the Trainer's save does
+    state.save_to_json(str(tmp_path / "trainer_state.json"))
+    saved = state.stateful_callbacks["RunAccount"]["attributes"]
+
+    second = RunAccount()
+    begin(second, TrainerState.load_from_json(str(tmp_path / "trainer_state.json")))
+    assert first.lineage.attempt == 1
+    assert second.lineage == Lineage(attempt=2, start_steps=(0, 20), seconds=saved["train_seconds"], samples=160)
+
+
+def test_a_checkpoint_from_before_the_record_resumes_and_saves(tmp_path: Path) -> None:
+    """Resuming a checkpoint without the record: attempt 2, and the state gets the entry the Trainer's save updates."""
+    state = TrainerState(global_step=30)
+    state.save_to_json(str(tmp_path / "trainer_state.json"))
+    restored = TrainerState.load_from_json(str(tmp_path / "trainer_state.json"))
+    account = RunAccount()
+    begin(account, restored)
+    assert account.lineage == Lineage(attempt=2, start_steps=(30,))
+    assert restored.stateful_callbacks["RunAccount"]["attributes"]["attempt"] == 2
