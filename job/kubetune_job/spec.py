@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -242,27 +243,50 @@ LabelKey = Annotated[
 
 class Model(BaseModel):
     """Strict where the CRD is strict: no string for a number or a boolean, no number for a string (a float
-    field still takes an integer, as the CRD's `number` does). A null counts as leaving the field out, as
-    the API server prunes it, except in fields that take null on purpose (dataset.evalSplit)."""
+    field still takes an integer, as the CRD's `number` does). The input is first read as the API server
+    reads it (as_the_api_server_reads)."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_absent(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        nullable = _nullable_keys(cls)
-        return {k: v for k, v in data.items() if v is not None or k in nullable}
+    def _as_the_api_server_reads(cls, data: Any) -> Any:
+        return as_the_api_server_reads(cls, data) if isinstance(data, dict) else data
 
 
-def _nullable_keys(model: type[BaseModel]) -> set[str]:
-    """Names and aliases of the fields that take null."""
-    keys = set()
+#: The API server takes a float for an integer when it is a whole number of at most 2^53 - 1 (beyond, a
+#: float64 no longer holds every integer); kubectl writes YAML's 2.0 as 2 anyway.
+WHOLE_FLOAT_MAX = 2**53 - 1
+
+
+def as_the_api_server_reads(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """A model's input as the API server reads it: a null counts as leaving the field out (the server prunes
+    it), except in fields that take null on purpose (dataset.evalSplit); a whole float in an integer field
+    is that integer."""
+    nullable, integers = _field_kinds(model)
+    out = {}
+    for key, value in data.items():
+        if value is None and key not in nullable:
+            continue
+        whole = isinstance(value, float) and value.is_integer() and abs(value) <= WHOLE_FLOAT_MAX
+        if whole and key in integers and key not in getattr(model, "READ_BY_CEL", ()):
+            value = int(value)
+        out[key] = value
+    return out
+
+
+def _field_kinds(model: type[BaseModel]) -> tuple[set[str], set[str]]:
+    """Names and aliases of the fields that take null, and of those that are integers (or null)."""
+    nullable, integers = set(), set()
     for name, info in model.model_fields.items():
-        if info.annotation is None or type(None) in get_args(info.annotation):
-            keys |= {name, info.alias or name}
-    return keys
+        keys = {name, info.alias or name}
+        branches = get_args(info.annotation) if get_origin(info.annotation) in (Union, UnionType) else ()
+        if type(None) in branches:
+            nullable |= keys
+        types = [get_args(b)[0] if get_origin(b) is Annotated else b for b in branches or (info.annotation,)]
+        if {t for t in types if t is not type(None)} == {int}:
+            integers |= keys
+    return nullable, integers
 
 
 Int64 = Annotated[int, Field(le=INT64_MAX)]
@@ -461,6 +485,10 @@ class Storage(Model):
 
 class Resources(Model):
     """Compute per node."""
+
+    #: Fields a CEL rule reads (NAME_RULE): the API server hands CEL a whole float as a float, which fails
+    #: the rule, so these take integers only.
+    READ_BY_CEL: ClassVar[tuple[str, ...]] = ("nodes",)
 
     gpus: int = Field(1, ge=0, le=16, description="GPUs per node; the job runs one process per GPU.")
     nodes: int = Field(

@@ -65,6 +65,11 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if f"exclusive{bound}" in node:  # JSON Schema 2020 numbers -> OpenAPI v3.0 booleans
             out[bound.lower()] = node[f"exclusive{bound}"]
             out[f"exclusive{bound}"] = True
+    if out.get("maximum") == api.INT64_MAX:
+        # The API server reads a maximum as a float64, which cannot hold 2^63-1; its integers are int64
+        # anyway, so the format says the same.
+        del out["maximum"]
+        out["format"] = "int64"
     if "const" in out:
         out["enum"] = [out.pop("const")]
     if out.get("default", 0) is None:
@@ -94,7 +99,7 @@ def _object(out: dict[str, Any], node: dict[str, Any], defs: dict[str, Any]) -> 
 
 
 def _require(node: dict[str, Any], bound: str) -> None:
-    if bound not in node:
+    if bound not in node and not (bound == "maximum" and node.get("format") == "int64"):
         raise ValueError(f"no {bound} on {node.get('description') or node}: give the field a bound in spec.py")
 
 

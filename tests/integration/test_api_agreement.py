@@ -1,0 +1,494 @@
+"""`kubetune validate` and the API server give the same answer, and the bounds are the right ones.
+
+Manifests are generated from the CRD's own schema (so a new field is fuzzed without a change here):
+valid values for each field, then mutations of one field (wrong type, out of range, too long, null,
+unknown key, bad label key or value, bad bucket, duplicate list item, deep `extra`, long names). Each
+one goes to a real kube-apiserver with a server-side dry run and through the CLI's parser; both
+accept it, or both refuse it naming a field. A second group of tests puts every bound at its limit:
+the server accepts the FineTuneJob and the Job and Service the operator renders for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import string
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kubetune_job import spec as api
+from kubetune_job.spec import SpecError, parse_manifest
+from kubetune_operator.crd import GROUP, PLURAL, VERSION, crd
+from kubetune_operator.manifests import Owner, children
+from kubetune_operator.settings import OperatorSettings
+from tests.kube import install_crd
+from tests.unit.test_spec import GOOD
+
+pytestmark = pytest.mark.integration
+
+ROOT = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+SPEC = ROOT["properties"]["spec"]
+IMAGE = "registry.test/kubetune/kubetune-job:dev"
+#: Examples per property run: enough to reach every field with every mutation, a minute or so here.
+EXAMPLES = 300
+#: Characters of generated strings: printable ASCII (what manifests hold; see spec.NO_SPACE for why
+#: Unicode whitespace is no fair test of two regex engines), plus a newline.
+ALPHABET = string.printable.replace("\r", "").replace("\x0b", "").replace("\x0c", "")
+
+Verdict = list[str] | None  # None: accepted; else what was wrong
+
+
+# --- values from the schema ---------------------------------------------------------------------
+
+
+def values(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Values that the schema node's structure admits (its CEL rules may still refuse some)."""
+    if schema.get("x-kubernetes-int-or-string"):
+        return st.one_of(st.just("epoch"), st.integers(1, api.INT64_MAX))
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    if kind is None:  # spec.free_form: scalars, maps and lists, now and then nested too deeply
+        return json_values()
+    if kind == "string":
+        return strings(schema)
+    if kind in ("integer", "number"):
+        return numbers(schema)
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "array":
+        unique = schema.get("x-kubernetes-list-type") == "set"
+        return st.lists(values(schema["items"]), max_size=min(schema["maxItems"], 3), unique=unique)
+    if "properties" in schema:
+        props = schema["properties"]
+        required = set(schema.get("required", []))
+        return st.fixed_dictionaries(
+            {k: values(v) for k, v in props.items() if k in required},
+            optional={k: values(v) for k, v in props.items() if k not in required},
+        )
+    if isinstance(schema.get("additionalProperties"), dict):
+        return st.dictionaries(map_keys(), values(schema["additionalProperties"]), max_size=3)
+    return st.dictionaries(st.text(ALPHABET, min_size=1, max_size=8), json_values(), max_size=3)
+
+
+def strings(schema: dict[str, Any]) -> st.SearchStrategy[str]:
+    limit = schema["maxLength"]
+    pattern = schema.get("pattern")
+    free = st.text(ALPHABET, min_size=schema.get("minLength", 0), max_size=min(limit, 40))
+    if pattern is None:
+        shaped = free
+    else:
+        anchored = pattern.startswith("^") and pattern.endswith("$")
+        shaped = st.from_regex(pattern, fullmatch=anchored).filter(lambda s: len(s) <= limit)
+    if any("s3://" in r["rule"] for r in schema.get("x-kubernetes-validations", [])):
+        bucket = st.text(string.ascii_lowercase + string.digits + ".-_A", min_size=1, max_size=66)
+        shaped = st.one_of(shaped, st.builds(lambda b: f"s3://{b}/prefix/", bucket))
+    return st.one_of(shaped, shaped, free)
+
+
+def numbers(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if schema["type"] == "integer":
+        low = None if low is None else low + int(bool(schema.get("exclusiveMinimum")))
+        high = None if high is None else high - int(bool(schema.get("exclusiveMaximum")))
+        edges = [v for v in (low, high) if v is not None]
+        return st.one_of(st.integers(low, high), st.sampled_from(edges)) if edges else st.integers(low, high)
+    return st.floats(
+        low,
+        high,
+        exclude_min=bool(schema.get("exclusiveMinimum")),
+        exclude_max=bool(schema.get("exclusiveMaximum")),
+        allow_nan=False,
+        allow_infinity=False,
+    )
+
+
+def map_keys() -> st.SearchStrategy[str]:
+    """Keys of a map: label keys (nodeSelector's rule) and anything else."""
+    return st.one_of(
+        st.from_regex(api.LABEL_KEY, fullmatch=True).filter(lambda k: len(k) <= 80),
+        st.text(ALPHABET, min_size=1, max_size=20),
+    )
+
+
+def json_values() -> st.SearchStrategy[Any]:
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(-1e6, 1e6), st.text(ALPHABET, max_size=8)
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(ALPHABET, min_size=1, max_size=6), inner),
+        max_leaves=12,
+    )
+
+
+# --- where to change a manifest, and how ---------------------------------------------------------
+
+
+def fields(schema: dict[str, Any], path: tuple[str, ...] = ("spec",)) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    """Every field under spec with its schema; a list of objects is reached through its first item."""
+    found = [(path, schema)]
+    for name, child in schema.get("properties", {}).items():
+        found += fields(child, (*path, name))
+    items = schema.get("items", {})
+    if "properties" in items:
+        found += fields(items, (*path, "0"))
+    return found
+
+
+FIELDS = fields(SPEC)
+
+
+def wrong_types(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    kind = "int-or-string" if schema.get("x-kubernetes-int-or-string") else schema.get("type")
+    others: dict[str | None, list[Any]] = {
+        "string": [1, True, 2.5, ["x"], {"a": "b"}],
+        "integer": ["5", True, 2.5, 2.0, "true", [1]],
+        "number": ["0.5", True, [0.5], {"v": 1}],
+        "boolean": ["true", "false", 1, 0, "yes"],
+        "array": ["a", 1, {"a": 1}, True],
+        "object": ["x", 1, [1], True],
+        "int-or-string": [True, 2.5, 5.0, [1], {"a": 1}],
+    }
+    return st.sampled_from(others.get(kind, [[1], 1]))
+
+
+def out_of_range(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    kind = schema.get("type")
+    if kind in ("integer", "number"):
+        edges = [v + d for v, d in ((schema.get("minimum"), -1), (schema.get("maximum"), 1)) if v is not None]
+        if schema.get("exclusiveMinimum"):
+            edges.append(schema["minimum"])
+        return st.sampled_from([*edges, 2**63, -(2**63) - 1, 2**31, api.INT64_MAX])
+    if "enum" in schema:
+        return st.sampled_from(["", "unknown", schema["enum"][0].upper()])
+    if kind == "string":
+        return st.integers(1, 3).map(lambda extra: "a" * (schema["maxLength"] + extra))
+    if kind == "array":
+        item = schema["items"]
+        return st.lists(values(item), min_size=schema["maxItems"] + 1, max_size=schema["maxItems"] + 1)
+    if schema.get("x-kubernetes-int-or-string"):
+        return st.sampled_from([0, -1, 2**63, "epochs", ""])
+    return st.just(None)
+
+
+def deep(levels: int) -> Any:
+    value: Any = 1
+    for i in range(levels):
+        value = [value] if i % 3 == 2 else {"k": value}
+    return value
+
+
+def mutations(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """A value for a field that is likely wrong in one way."""
+    options = [wrong_types(schema), out_of_range(schema), st.none()]
+    if "properties" in schema:
+        options.append(values(schema).map(lambda v: {**v, "notAField": 1}))
+    if schema.get("x-kubernetes-list-type") == "set":
+        options.append(values(schema["items"]).map(lambda v: [v, v]))
+    if schema.get("type") == "object" and "additionalProperties" in schema:
+        options.append(st.builds(lambda n: {"deepspeed": deep(n)}, st.integers(3, 9)))
+        options.append(st.dictionaries(st.text(ALPHABET, min_size=1, max_size=6), st.text(ALPHABET), min_size=1))
+    return st.one_of(options)
+
+
+def names() -> st.SearchStrategy[str]:
+    """Names around the limits: 54-62 characters, starting with a letter or a digit, now and then a dot."""
+    body = st.text(string.ascii_lowercase + string.digits + "-", min_size=1, max_size=70)
+    long = st.integers(54, 64).flatmap(
+        lambda n: st.sampled_from(["a", "7"]).map(lambda first: first + "b" * (n - 2) + "c")
+    )
+    return st.one_of(long, body, st.builds(lambda a, b: f"{a}.{b}", body, body))
+
+
+def put(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Set doc at path, making what is missing or not a mapping into one (an index "0", a one-item list)."""
+    node: Any = doc
+    for here, below in itertools.pairwise(path):
+        key: Any = 0 if isinstance(node, list) else here
+        empty: Any = [{}] if below == "0" else {}
+        if isinstance(node, list) and not node:
+            node.append(empty)
+        elif not isinstance(node[key] if isinstance(node, list) else node.get(key), dict | list):
+            node[key] = empty
+        node = node[key]
+    if isinstance(node, list):
+        node[:1] = [value]
+    else:
+        node[path[-1]] = value
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> dict[str, Any]:
+    """GOOD with up to two fields set to valid values, then (mostly) one field mutated, or the name changed."""
+    doc = copy.deepcopy(GOOD)
+    for _ in range(draw(st.integers(0, 2))):
+        path, schema = draw(st.sampled_from(FIELDS[1:]))
+        put(doc, path, draw(values(schema)))
+    choice = draw(st.sampled_from(["mutate", "mutate", "mutate", "name", "none"]))
+    if choice == "mutate":
+        path, schema = draw(st.sampled_from(FIELDS[1:]))
+        put(doc, path, draw(mutations(schema)))
+    elif choice == "name":
+        doc["metadata"]["name"] = draw(names())
+        put(doc, ("spec", "resources", "nodes"), draw(st.sampled_from([1, 2, 10, 11, 64])))
+    return doc
+
+
+# --- the two judges -----------------------------------------------------------------------------
+
+
+def server_verdict(api_client: Any, namespace: str, doc: dict[str, Any]) -> Verdict:
+    """The API server's answer to a create (server-side dry run, unknown fields refused as kubectl does)."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    body = {**doc, "metadata": {**doc["metadata"], "namespace": namespace}}
+    try:
+        k8s.CustomObjectsApi(api_client).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body, dry_run="All", field_validation="Strict"
+        )
+    except ApiException as e:
+        if e.status not in (400, 422):
+            raise
+        return [json.loads(e.body)["message"]]
+    return None
+
+
+def cli_verdict(doc: dict[str, Any]) -> Verdict:
+    try:
+        parse_manifest(copy.deepcopy(doc))
+    except SpecError as e:
+        return e.problems
+    return None
+
+
+def names_a_field(message: str) -> bool:
+    return "spec." in message or "metadata.name" in message or 'unknown field "spec' in message
+
+
+def agree(server: Verdict, cli: Verdict, doc: dict[str, Any]) -> None:
+    where = json.dumps(doc)[:2000]
+    assert (server is None) == (cli is None), f"server: {server}\ncli: {cli}\nmanifest: {where}"
+    if server is not None and cli is not None:
+        assert names_a_field(server[0]), f"the server's message names no field: {server}"
+        assert all(names_a_field(line) or line.startswith(("metadata.", "spec")) for line in cli), cli
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed(control_plane: Any) -> Any:
+    install_crd(control_plane)
+    return control_plane
+
+
+def test_cli_and_server_agree_on_generated_manifests(installed: Any, kube_admin: Any, namespace: str) -> None:
+    """Valid and mutated manifests from the CRD's schema: the CLI and the API server give the same answer."""
+    seen = {"accepted": 0, "refused": 0}
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+    @given(doc=manifests())
+    def check(doc: dict[str, Any]) -> None:
+        server = server_verdict(kube_admin, namespace, doc)
+        agree(server, cli_verdict(doc), doc)
+        seen["accepted" if server is None else "refused"] += 1
+
+    check()
+    # Both answers must be common, or the run proved little.
+    assert min(seen.values()) >= EXAMPLES // 10, seen
+
+
+FIXED: dict[str, Callable[[dict[str, Any]], None]] = {
+    "valid": lambda d: None,
+    "batch-size-true": lambda d: put(d, ("spec", "hyperparameters", "batchSize"), True),
+    "suspend-string": lambda d: put(d, ("spec", "runPolicy", "suspend"), "true"),
+    "every-string": lambda d: put(d, ("spec", "checkpoints", "every"), "5"),
+    "seed-int64": lambda d: put(d, ("spec", "hyperparameters", "seed"), 2**63),
+    "duplicate-metrics": lambda d: put(d, ("spec", "metrics"), ["f1", "f1"]),
+    "bad-bucket": lambda d: put(d, ("spec", "output", "uri"), "s3://Bad_Bucket/x/"),
+    "null-hyperparameters": lambda d: put(d, ("spec", "hyperparameters"), None),
+    "long-name": lambda d: put(d, ("metadata", "name"), "a" * 62),
+    "two-nodes-long-name": lambda d: (
+        put(d, ("metadata", "name"), "a" * 56),
+        put(d, ("spec", "resources", "nodes"), 2),
+    ),
+}
+
+
+#: A null sub-object is left out (the API server prunes it), so it takes its defaults.
+ACCEPTED = {"valid", "null-hyperparameters"}
+
+
+@pytest.mark.parametrize("case", sorted(FIXED))
+def test_kubetune_validate_agrees_with_kubectl(installed: Any, namespace: str, tmp_path: Path, case: str) -> None:
+    """The real `kubetune validate` and `kubectl apply --dry-run=server` agree on the issue's examples."""
+    from tests.kube import kubectl
+
+    doc = copy.deepcopy(GOOD)
+    FIXED[case](doc)
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cli = validate(path)
+    server = kubectl(installed, "apply", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
+    assert (cli.returncode == 0) == (server.returncode == 0), f"kubetune: {cli.stderr}\nkubectl: {server.stderr}"
+    assert (case in ACCEPTED) == (cli.returncode == 0), cli.stderr
+    if cli.returncode:
+        assert names_a_field(cli.stderr) and names_a_field(server.stderr), (cli.stderr, server.stderr)
+
+
+def validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune_operator.cli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_deep_extra_is_refused_by_server_and_cli(installed: Any, namespace: str, tmp_path: Path) -> None:
+    """extra nested 1000 levels deep: the server refuses it naming the field; validate says so in one line."""
+    from tests.kube import kubectl
+
+    doc = copy.deepcopy(GOOD)
+    put(doc, ("spec", "hyperparameters", "extra"), {"deepspeed": "DEEP"})
+    # Written as text: Python's own JSON and YAML writers (and the Kubernetes client) recurse per level.
+    text = json.dumps(doc).replace('"DEEP"', '{"a": ' * 1000 + "1" + "}" * 1000)
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)  # JSON is YAML
+    server = kubectl(installed, "create", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
+    assert server.returncode != 0 and "spec.hyperparameters.extra.deepspeed" in server.stderr, server.stderr
+    done = validate(path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "nests maps and lists too deeply" in line and str(path) in line
+
+
+def test_extra_at_its_bounds_is_accepted(installed: Any, kube_admin: Any, namespace: str) -> None:
+    """extra with 64 keys, values nested four levels (deepspeed's shape) of 64 entries: both accept it."""
+    level: Any = ["x" * api.MAX_STRING] * api.MAX_ITEMS
+    for _ in range(api.EXTRA_DEPTH - 1):
+        level = {f"k{i}": level for i in range(2)} | {f"s{i}": 1 for i in range(api.MAX_ITEMS - 2)}
+    doc = copy.deepcopy(GOOD)
+    put(doc, ("spec", "hyperparameters", "extra"), {f"key{i}": level if i == 0 else i for i in range(api.MAX_ITEMS)})
+    agree(server_verdict(kube_admin, namespace, doc), cli_verdict(doc), doc)
+    assert cli_verdict(doc) is None
+    put(doc, ("spec", "hyperparameters", "extra", "key1"), deep(api.EXTRA_DEPTH + 1))
+    agree(server_verdict(kube_admin, namespace, doc), cli_verdict(doc), doc)
+    assert cli_verdict(doc) is not None
+
+
+# --- every bound at its limit -------------------------------------------------------------------
+
+PREFIX = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # a DNS subdomain of 253 characters
+LABEL_KEY = f"{PREFIX}/{'k' * 63}"
+LABEL_VALUE = "v" + "-" * 61 + "v"
+
+
+def at_limits(name: str, nodes: int) -> dict[str, Any]:
+    """A FineTuneJob with every bound the Job, pods, Service and labels derive from at its limit."""
+    doc = copy.deepcopy(GOOD)
+    doc["metadata"]["name"] = name
+    doc["spec"].update(
+        {
+            "resources": {"nodes": nodes, "gpus": 16, "cpu": "1" * 32, "memory": "1" * 30 + "Gi"},
+            "scheduling": {
+                "nodeSelector": {LABEL_KEY: LABEL_VALUE, "gpu": ""},
+                "tolerations": [
+                    {"key": LABEL_KEY, "operator": "Equal", "value": LABEL_VALUE, "effect": "NoSchedule"},
+                    {"operator": "Exists", "effect": "NoExecute", "tolerationSeconds": api.INT64_MAX},
+                ],
+                "priorityClassName": PREFIX,
+                "queueName": LABEL_VALUE,
+            },
+            "runPolicy": {
+                "maxRetries": 100,
+                "activeDeadlineSeconds": api.INT64_MAX,
+                "ttlSecondsAfterFinished": api.INT32_MAX,
+            },
+            "image": "registry.test/" + "i" * (512 - len("registry.test/") - len(":dev")) + ":dev",
+            "storage": {"credentialsSecret": PREFIX, "endpoint": "http://s3.test:8333"},
+            "hubTokenSecret": PREFIX,
+        }
+    )
+    return doc
+
+
+def rendered(doc: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
+    """What the operator creates for doc: the Job as an Indexed Job (every Job is one), and the Service.
+    Only the spec is parsed, so a name past its limit renders too."""
+    spec = api.parse_spec(doc["spec"])
+    objects = children(Owner(doc["metadata"]["name"], namespace, "uid-1"), spec, OperatorSettings(job_image=IMAGE))
+    for obj in objects:
+        if obj["kind"] == "Job":
+            obj["spec"]["completionMode"] = "Indexed"
+    return objects
+
+
+def server_accepts_children(api_client: Any, objects: list[dict[str, Any]]) -> list[str]:
+    """The API server's complaints about the rendered objects (server-side dry run), if any."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    problems = []
+    for obj in objects:
+        ns = obj["metadata"]["namespace"]
+        create = (
+            k8s.BatchV1Api(api_client).create_namespaced_job
+            if obj["kind"] == "Job"
+            else k8s.CoreV1Api(api_client).create_namespaced_service
+        )
+        try:
+            create(ns, obj, dry_run="All", field_validation="Strict")
+        except ApiException as e:
+            problems.append(json.loads(e.body)["message"])
+    return problems
+
+
+@pytest.mark.parametrize(("length", "nodes"), [(61, 1), (55, 2), (55, 64)])
+def test_bounds_at_their_limits_are_accepted_with_the_jobs_and_services(
+    installed: Any, kube_admin: Any, namespace: str, length: int, nodes: int
+) -> None:
+    """Every bound at its limit: the FineTuneJob, its Indexed Job and its Service are all accepted."""
+    doc = at_limits("a" * (length - 1) + "z", nodes)
+    assert cli_verdict(doc) is None
+    assert server_verdict(kube_admin, namespace, doc) is None
+    assert server_accepts_children(kube_admin, rendered(doc, namespace)) == []
+
+
+@pytest.mark.parametrize(("length", "nodes"), [(62, 1), (56, 2), (56, 64)])
+def test_one_past_the_name_limit_is_refused_and_the_job_would_be_too(
+    installed: Any, kube_admin: Any, namespace: str, length: int, nodes: int
+) -> None:
+    """One character more: both refuse the FineTuneJob, and the server would refuse its Job or Service."""
+    doc = at_limits("a" * (length - 1) + "z", nodes)
+    server = server_verdict(kube_admin, namespace, doc)
+    agree(server, cli_verdict(doc), doc)
+    assert server and "metadata.name" in server[0], server
+    assert server_accepts_children(kube_admin, rendered(doc, namespace)) != []
+
+
+def test_a_multi_node_name_starts_with_a_letter(installed: Any, kube_admin: Any, namespace: str) -> None:
+    """With nodes > 1 both refuse a name starting with a digit: <name>-workers is a DNS-1035 label for
+    Services (API servers with RelaxedServiceNameValidation accept it; older ones do not)."""
+    doc = at_limits("7" + "a" * 54, 2)
+    server = server_verdict(kube_admin, namespace, doc)
+    agree(server, cli_verdict(doc), doc)
+    assert server and "metadata.name" in server[0], server
+    assert cli_verdict(at_limits("7" + "a" * 60, 1)) is None
