@@ -157,7 +157,7 @@ def test_a_preemption_while_the_operator_is_down_is_counted(
 ) -> None:
     """Preempted, replaced and gone before the operator comes back: status still says one restart,
     Preempted, from the replacement pod's record, and maxRetries 0 is not used up."""
-    doc = run("unseen", hyperparameters={"epochs": 10}, runPolicy={"maxRetries": 0})
+    doc = run("unseen", hyperparameters={"epochs": 3}, runPolicy={"maxRetries": 0})
     wait_for("a committed checkpoint", lambda: committed(doc), timeout=180, every=0.1)
     first = pods(control_plane, namespace, "unseen")[0]["metadata"]["name"]
     operator.stop()
@@ -170,5 +170,5 @@ def test_a_preemption_while_the_operator_is_down_is_counted(
         )
     finally:
         operator.start()
-    st = wait_phase(control_plane, namespace, "unseen", "Succeeded", timeout=300)
+    st = wait_phase(control_plane, namespace, "unseen", "Succeeded", timeout=600)
     assert (st["restarts"], st["lastRestartReason"], st["preemptions"]) == (1, "Preempted", 1), st
