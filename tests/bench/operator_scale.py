@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.request
 from calendar import timegm
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -76,6 +76,7 @@ class Result:
     reconcile_calls: dict[str, float] = field(default_factory=dict)
     reconcile_mean_ms: float = 0.0
     operator_rss_mb: float = 0.0
+    operator_rss_end_mb: float = 0.0
     operator_cpu_s: float = 0.0
     rss_mb: dict[str, float] = field(default_factory=dict)
     cpu_s: dict[str, float] = field(default_factory=dict)
@@ -201,17 +202,17 @@ def create_all(plane: ControlPlane, targets: list[tuple[str, str]], *, creators:
 
 
 def wait_for_statuses(
-    custom: k8s.CustomObjectsApi, *, size: int, alive: Callable[[], bool], deadline: float
+    custom: k8s.CustomObjectsApi, *, size: int, operator: subprocess.Popen[bytes], deadline: float
 ) -> tuple[dict[tuple[str, str], float], float | None, int]:
     """Poll until `size` FineTuneJobs are Suspended (or the deadline, or the operator exits): each
     one's status time (epoch s), when the poll first saw them all (monotonic), if it did, and how
-    many LISTs it took.
+    many LISTs it took. Each poll prints the count and the operator's RSS, to show how memory grows.
 
     The poll waits twice as long as its LIST took, so that it takes at most a third of the API
     server's time from what is measured, and at least 2 s."""
     seen: dict[tuple[str, str], float] = {}
     polls = 0
-    while time.monotonic() < deadline and alive():
+    while time.monotonic() < deadline and operator.poll() is None:
         polls += 1
         began = time.monotonic()
         for ftj in list_all(custom):
@@ -221,7 +222,8 @@ def wait_for_statuses(
         if len(seen) >= size:
             return seen, time.monotonic(), polls
         took = time.monotonic() - began
-        print(f"  {len(seen)}/{size} Suspended (LIST took {took:.1f} s)", flush=True)
+        rss = psutil.Process(operator.pid).memory_info().rss / 2**20
+        print(f"  {len(seen)}/{size} Suspended (LIST took {took:.1f} s); operator RSS {rss:.0f} MB", flush=True)
         time.sleep(max(2.0, 2 * took))
     return seen, None, polls
 
@@ -284,9 +286,7 @@ def measure(
                 result.create_retries = create_all(plane, targets, creators=creators)
                 result.created_s = time.monotonic() - t0
                 print(f"  created {size} in {result.created_s:.1f} s ({result.create_rate:.0f}/s)", flush=True)
-                seen, polled, result.polls = wait_for_statuses(
-                    custom, size=size, alive=lambda: proc.poll() is None, deadline=t0 + timeout
-                )
+                seen, polled, result.polls = wait_for_statuses(custom, size=size, operator=proc, deadline=t0 + timeout)
                 counted, total, count = reconcile_counters(port) if proc.poll() is None else ({}, 0.0, 0.0)
                 result.window_s = time.monotonic() - t0
             result.statuses = len(seen)
@@ -297,7 +297,9 @@ def measure(
             result.reconcile_calls = {k: v - counted_before.get(k, 0.0) for k, v in counted.items()}
             calls = count - count_before
             result.reconcile_mean_ms = 1000 * (total - sum_before) / calls if calls else 0.0
-            result.operator_rss_mb = peak_rss_mb(proc.pid) if proc.poll() is None else 0.0
+            if proc.poll() is None:
+                result.operator_rss_mb = peak_rss_mb(proc.pid)
+                result.operator_rss_end_mb = psutil.Process(proc.pid).memory_info().rss / 2**20
             result.operator_cpu_s = used["operator"]
             result.bench_cpu_s = used["bench"]
             result.machine_busy_cpu_s = used["machine"]
@@ -356,6 +358,7 @@ def table(results: list[Result], *, cores: int) -> str:
         others = r.machine_busy_cpu_s - r.operator_cpu_s - r.bench_cpu_s - sum(r.cpu_s.values())
         rows.append(
             f"N={r.size}: reconciles by result {r.reconcile_calls}, mean {r.reconcile_mean_ms:.1f} ms; "
+            f"operator RSS once done {r.operator_rss_end_mb:.0f} MB; "
             f"creates retried {r.create_retries}; peak RSS {rss}; this benchmark {r.bench_cpu_s:.1f} CPU s, "
             f"everything else on the machine {others:.1f} CPU s; load {' '.join(f'{x:.2f}' for x in r.load)}"
         )
