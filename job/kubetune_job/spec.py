@@ -372,9 +372,14 @@ class DatasetSource(Model):
     def _one_source(self) -> DatasetSource:
         if (self.id is None) == (self.uri is None):
             raise ValueError("set exactly one of id (a Hub dataset) or uri (s3:// or a local directory)")
-        if len(set(self.text_fields)) != len(self.text_fields):
-            raise ValueError("textFields must name two different columns")
         return self
+
+    @field_validator("text_fields")
+    @classmethod
+    def _two_columns(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("textFields must name two different columns")
+        return value
 
 
 class Hyperparameters(Model):

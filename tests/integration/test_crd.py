@@ -100,3 +100,39 @@ def test_explain_describes_the_fields(installed: Any) -> None:
     """kubectl explain teaches the API from the schema's descriptions."""
     out = kubectl(installed, "explain", "ftj.spec.dataset").stdout
     assert "textFields" in out and "One text column" in out
+
+
+def with_name(name: str, **changes: Any) -> dict[str, Any]:
+    doc = with_spec(**changes)
+    doc["metadata"] = {"name": name}
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        (with_name("a" * 64), "metadata.name"),
+        (with_name("a" * 62), "metadata.name"),
+        (with_name("a" * 56, resources={"nodes": 2}), "metadata.name"),
+        (with_name("a.b", resources={"nodes": 2}), "metadata.name"),
+        (with_spec(scheduling={"nodeSelector": {"bad key": "x"}}), "spec.scheduling.nodeSelector"),
+        (with_spec(scheduling={"nodeSelector": {"gpu": "not a value"}}), "spec.scheduling.nodeSelector"),
+        (with_spec(scheduling={"tolerations": [{"operator": "Equal", "value": "x"}]}), "spec.scheduling.tolerations"),
+        (with_spec(scheduling={"tolerations": [{"key": "k", "tolerationSeconds": 1}]}), "spec.scheduling.tolerations"),
+        (with_spec(scheduling={"priorityClassName": "Not_A_Name"}), "spec.scheduling.priorityClassName"),
+        (with_spec(scheduling={"queueName": "not a label value"}), "spec.scheduling.queueName"),
+        (with_spec(runPolicy={"ttlSecondsAfterFinished": 2**31}), "spec.runPolicy.ttlSecondsAfterFinished"),
+        (with_spec(image="registry.test/job: 1"), "spec.image"),
+        (with_spec(hyperparameters={"extra": {"deepspeed": {"a": {"b": {"c": {"d": {"e": 1}}}}}}}), "extra.deepspeed"),
+    ],
+)
+def test_what_the_job_or_service_would_refuse_is_refused_here(
+    installed: Any, namespace: str, doc: dict[str, Any], field: str
+) -> None:
+    """What the operator's Job, pods or Service could not carry is refused at once, naming the field."""
+    assert field in rejected(installed, namespace, doc)
+
+
+def test_duplicate_metrics_are_refused(installed: Any, namespace: str) -> None:
+    """metrics is a set: a metric listed twice is refused, as the CLI refuses it."""
+    assert "spec.metrics[1]: Duplicate value" in rejected(installed, namespace, with_spec(metrics=["f1", "f1"]))

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune_job import spec as api
 from kubetune_job.spec import SpecError, load_manifest, parse_manifest
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -134,3 +135,138 @@ def test_yaml_round_trip_uses_camel_case(tmp_path: Path) -> None:
     assert "learningRate" in dumped["spec"]["hyperparameters"] and dumped["apiVersion"] == "kubetune.io/v1alpha1"
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(dumped))
     assert load_manifest(tmp_path / "x.yaml") == job
+
+
+# --- the same answer as the API server (issue: the CLI and the CRD disagreed on 53 of 375 manifests) ---
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("spec.hyperparameters.batchSize", True),
+        ("spec.runPolicy.suspend", "true"),
+        ("spec.checkpoints.every", "5"),
+        ("spec.hyperparameters.seed", 2**63),
+        ("spec.hyperparameters.maxSteps", 2**63),
+        ("spec.runPolicy.ttlSecondsAfterFinished", 2**31),
+        ("spec.dataset.config", "c" * 1025),
+        ("spec.model.revision", 7),
+        ("spec.hyperparameters.batchSize", 2.5),
+        ("spec.resources.nodes", 2.0),
+    ],
+)
+def test_what_the_crd_refuses_is_refused_naming_the_field(field: str, value: Any) -> None:
+    """No coercion where the CRD is strict, and the CRD's bounds: each is an error naming the field."""
+    msgs = problems({field: value})
+    assert msgs and all(m.startswith(field + ":") for m in msgs), msgs
+
+
+def test_a_whole_float_is_an_integer_as_the_api_server_reads_it() -> None:
+    """batchSize 2.0 is 2 (kubectl sends YAML's 2.0 as 2); a float field takes an integer."""
+    doc = copy.deepcopy(GOOD)
+    doc["spec"]["hyperparameters"] = {"batchSize": 2.0, "epochs": 2}
+    hp = parse_manifest(doc).spec.hyperparameters
+    assert hp.batch_size == 2 and isinstance(hp.batch_size, int) and hp.epochs == 2.0
+
+
+def test_null_is_left_out_except_where_null_means_something() -> None:
+    """A null sub-object or field takes its default, as the API server prunes it; evalSplit: null skips evaluation."""
+    doc = copy.deepcopy(GOOD)
+    doc["spec"].update(hyperparameters=None, checkpoints={"keep": None}, metrics=None)
+    doc["spec"]["dataset"] = {**doc["spec"]["dataset"], "evalSplit": None}
+    spec = parse_manifest(doc).spec
+    assert spec.hyperparameters.batch_size == 8 and spec.checkpoints.keep == 2 and spec.metrics == ["accuracy", "f1"]
+    assert spec.dataset.eval_split is None
+    (msg,) = problems({"spec.model": None})
+    assert msg == "spec.model: required field is missing"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("spec.metrics", ["f1", "f1"]),
+        ("spec.dataset.textFields", ["a", "a"]),
+        ("spec.output.uri", "s3://Bad_Bucket/x/"),
+        ("spec.output.uri", "s3://ab/x/"),
+        ("spec.checkpoints.uri", " \t"),
+        ("spec.image", "registry.test/job: latest"),
+        ("spec.scheduling.priorityClassName", "Not_A_Name"),
+        ("spec.scheduling.queueName", "team a"),
+        ("spec.scheduling.queueName", "q" * 64),
+        ("spec.scheduling.nodeSelector", {"bad key": "x"}),
+        ("spec.scheduling.nodeSelector", {f"{'p' * 254}/gpu": "x"}),
+        ("spec.scheduling.nodeSelector", {"gpu": "-x"}),
+        ("spec.scheduling.tolerations", [{"operator": "Equal", "value": "x"}]),
+        ("spec.scheduling.tolerations", [{"key": "k", "operator": "Exists", "value": "x"}]),
+        ("spec.scheduling.tolerations", [{"key": "k", "tolerationSeconds": 5, "effect": "NoSchedule"}]),
+        ("spec.scheduling.tolerations", [{"key": "k/a/b"}]),
+    ],
+)
+def test_what_the_job_and_pods_would_refuse_is_refused(field: str, value: Any) -> None:
+    """Values the Job, pod, Service or labels cannot carry are refused naming the field."""
+    msgs = problems({field: value})
+    assert msgs and all(m.startswith(field) for m in msgs), msgs
+
+
+def test_label_keys_and_values_at_their_limits_are_valid() -> None:
+    """A 253-character prefix, a 63-character name and value, an empty value: what Kubernetes allows."""
+    prefix = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    key = f"{prefix}/{'N' * 62}z"
+    doc = copy.deepcopy(GOOD)
+    doc["spec"]["scheduling"] = {
+        "nodeSelector": {key: "v" * 63, "gpu": ""},
+        "tolerations": [{"operator": "Exists"}, {"key": key, "effect": "NoExecute", "tolerationSeconds": 0}],
+        "priorityClassName": prefix,
+        "queueName": "Q_q.q-1",
+    }
+    assert parse_manifest(doc).spec.scheduling.node_selector[key] == "v" * 63
+
+
+def test_name_limit_follows_the_node_count() -> None:
+    """<name>-<nodes-1> is a DNS label (61 for one node); with more, <name>-workers is too (55)."""
+    assert [api.name_limit(n) for n in (1, 2, 10, 11, 64)] == [61, 55, 55, 55, 55]
+    assert parse_manifest({**GOOD, "metadata": {"name": "a" * 61}})
+    (msg,) = problems({"metadata.name": "a" * 62})
+    assert msg.startswith("metadata.name:") and "at most 61" in msg
+    (msg,) = problems({"metadata.name": "a" * 56, "spec.resources.nodes": 2})
+    assert msg.startswith("metadata.name:") and "at most 55" in msg
+    (msg,) = problems({"metadata.name": "7a", "spec.resources.nodes": 2})
+    assert msg.startswith("metadata.name:") and "start with a letter" in msg
+
+
+def test_the_crd_name_rule_is_generated_from_the_limit() -> None:
+    """The CEL rule carries name_limit's numbers, so the server and the CLI cut at the same length."""
+    rule = api.NAME_RULE["rule"]
+    assert f"<= 1 ? {api.name_limit(1)} : {api.name_limit(2)})" in rule and "self.metadata.name" in rule
+
+
+def nested(levels: int, leaf: Any = 1) -> Any:
+    value = leaf
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+def test_extra_nests_at_most_four_levels() -> None:
+    """deepspeed's shape (map, map, map, list) is valid; one level more is refused naming where."""
+    deepspeed = {"optimizer": {"params": {"betas": [0.9, 0.999]}}, "zero_optimization": {"stage": 2}}
+    doc = copy.deepcopy(GOOD)
+    doc["spec"]["hyperparameters"] = {"extra": {"deepspeed": deepspeed, "report_to": ["none"], "gone": None}}
+    assert parse_manifest(doc).spec.hyperparameters.extra == {"deepspeed": deepspeed, "report_to": ["none"]}
+    (msg,) = problems({"spec.hyperparameters.extra": {"x": nested(5)}})
+    assert msg.startswith("spec.hyperparameters.extra.x.a.a.a.a: nested too deeply"), msg
+
+
+def test_extra_nested_a_thousand_levels_is_refused_without_recursing() -> None:
+    """The issue's manifest: refused with one message, no RecursionError (it is never walked)."""
+    (msg,) = problems({"spec.hyperparameters.extra": {"deepspeed": nested(100_000)}})
+    assert msg.startswith("spec.hyperparameters.extra.deepspeed.a.a.a.a: nested too deeply")
+
+
+def test_deeply_nested_yaml_is_one_clean_error(tmp_path: Path) -> None:
+    """YAML too deep for the parser to read is one line naming the file, not a traceback."""
+    path = tmp_path / "deep.yaml"
+    path.write_text(yaml.safe_dump(GOOD) + "extra: " + "[" * 2000 + "]" * 2000 + "\n")
+    with pytest.raises(SpecError) as e:
+        load_manifest(path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}: invalid FineTuneJob: the document nests")
