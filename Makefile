@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install testbed lint test unit quickstart bench docs
+.PHONY: install testbed lint test unit chaos quickstart bench docs
 
 install:  ## Python environment (job, operator, dev tools) and the quickstart's model
 	python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ test: testbed lint  ## everything CI runs
 
 unit:
 	$(BIN)/pytest -p no:cacheprovider tests/unit
+
+chaos: testbed  ## faults and generated manifests on the real control plane (make test runs these too)
+	KUBETUNE_REQUIRE_TESTBED=1 HF_HUB_OFFLINE=1 $(BIN)/pytest -p no:cacheprovider \
+		tests/integration/test_chaos.py tests/integration/test_reliability.py \
+		tests/integration/test_api_agreement.py tests/integration/test_leader.py
 
 quickstart:
 	$(BIN)/kubetune run examples/quickstart.yaml

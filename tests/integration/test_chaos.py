@@ -107,6 +107,7 @@ def test_operator_converges_after_an_api_server_restart(own_plane: Any, testbed_
     from tests.testbed.cluster import wait_for_service_account
 
     workdir = testbed_dir / "chaos-operator"
+    workdir.mkdir(parents=True, exist_ok=True)
     op = Operator(operator_account(own_plane, workdir), workdir, progress_interval_seconds="2")
     op.start()
     try:
