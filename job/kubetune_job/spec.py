@@ -8,6 +8,7 @@ description: the CRD schema and the API reference are generated from these model
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
@@ -251,7 +252,7 @@ class Model(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _as_the_api_server_reads(cls, data: Any) -> Any:
-        return as_the_api_server_reads(cls, data) if isinstance(data, dict) else data
+        return as_the_api_server_reads(cls, data) if isinstance(data, Mapping) else data
 
 
 #: The API server takes a float for an integer when it is a whole number of at most 2^53 - 1 (beyond, a
@@ -259,13 +260,15 @@ class Model(BaseModel):
 WHOLE_FLOAT_MAX = 2**53 - 1
 
 
-def as_the_api_server_reads(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+def as_the_api_server_reads(model: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any]:
     """A model's input as the API server reads it: a null counts as leaving the field out (the server prunes
     it), except in fields that take null on purpose (dataset.evalSplit); a whole float in an integer field
-    is that integer."""
+    is that integer. Mappings that are not dicts (a JSON view) read as dicts, which strict pydantic wants."""
     nullable, integers = _field_kinds(model)
     out = {}
     for key, value in data.items():
+        if isinstance(value, Mapping) and not isinstance(value, dict):
+            value = dict(value)
         if value is None and key not in nullable:
             continue
         whole = isinstance(value, float) and value.is_integer() and abs(value) <= WHOLE_FLOAT_MAX
