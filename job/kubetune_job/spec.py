@@ -8,7 +8,7 @@ description: the CRD schema and the API reference are generated from these model
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
@@ -219,6 +219,17 @@ def field_error(field: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("field", "{message}", {"field": field, "message": message})
 
 
+def distinct(message: str) -> Callable[[list[str]], list[str]]:
+    """A validator for a list that is a set (x-kubernetes-list-type: set in the CRD)."""
+
+    def check(value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(message)
+        return value
+
+    return check
+
+
 Text = Annotated[str, Field(max_length=MAX_STRING)]
 LabelValue = Annotated[str, Field(max_length=DNS_LABEL_MAX, pattern=LABEL_VALUE)]
 
@@ -235,7 +246,13 @@ LabelKey = Annotated[
     Field(
         max_length=LABEL_KEY_MAX,
         json_schema_extra={
-            "x-kubernetes-validations": [{"rule": label_key_rule("self"), "message": "not a label key"}]
+            "x-kubernetes-validations": [
+                {
+                    "rule": label_key_rule("self"),
+                    "message": "a label key: an optional DNS subdomain prefix and '/', then a name of at most "
+                    f"{DNS_LABEL_MAX} characters",
+                }
+            ]
         },
     ),
     AfterValidator(_label_key),
@@ -377,12 +394,7 @@ class DatasetSource(Model):
             raise ValueError("set exactly one of id (a Hub dataset) or uri (s3:// or a local directory)")
         return self
 
-    @field_validator("text_fields")
-    @classmethod
-    def _two_columns(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("textFields must name two different columns")
-        return value
+    _text_fields = field_validator("text_fields")(distinct("textFields must name two different columns"))
 
 
 class Hyperparameters(Model):
@@ -625,12 +637,7 @@ class FineTuneJobSpec(Model):
         description="Job image; empty for the operator's default. Admins may restrict prefixes.",
     )
 
-    @field_validator("metrics")
-    @classmethod
-    def _unique_metrics(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("metrics lists a metric twice")
-        return v
+    _metrics = field_validator("metrics")(distinct("metrics lists a metric twice"))
 
 
 class Metadata(BaseModel):
