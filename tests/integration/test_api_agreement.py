@@ -433,13 +433,12 @@ def at_limits(name: str, nodes: int) -> dict[str, Any]:
 
 
 def rendered(doc: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
-    """What the operator creates for doc: the Job as an Indexed Job (every Job is one), and the Service.
+    """What the operator creates for doc: its Indexed Job (every Job is one), and the Service.
     Only the spec is parsed, so a name past its limit renders too."""
     spec = api.parse_spec(doc["spec"])
     objects = children(Owner(doc["metadata"]["name"], namespace, "uid-1"), spec, OperatorSettings(job_image=IMAGE))
-    for obj in objects:
-        if obj["kind"] == "Job":
-            obj["spec"]["completionMode"] = "Indexed"
+    (job,) = [obj for obj in objects if obj["kind"] == "Job"]
+    assert job["spec"]["completionMode"] == "Indexed"  # what the name limits are computed for
     return objects
 
 
