@@ -61,13 +61,13 @@ def run_job(tiny: dict[str, Path], work: Path, **hyper: Any) -> dict[str, Any]:
     return jobrun.run_job(manifest(tiny, work, **hyper), work)
 
 
-def committed_records(checkpoints: Path) -> dict[int, dict[str, Any]]:
-    """The run record (attempt, training seconds and samples so far) of each committed checkpoint, by step."""
-    records = {}
+def committed_states(checkpoints: Path) -> dict[int, dict[str, Any]]:
+    """The trainer state (log history, callbacks' records) of each committed checkpoint, by step."""
+    states = {}
     for manifest in checkpoints.glob("checkpoint-*/kubetune-manifest.json"):
-        state = json.loads((manifest.parent / "trainer_state.json").read_text())
-        records[json.loads(manifest.read_text())["step"]] = state["stateful_callbacks"]["RunAccount"]["attributes"]
-    return records
+        step = json.loads(manifest.read_text())["step"]
+        states[step] = json.loads((manifest.parent / "trainer_state.json").read_text())
+    return states
 
 
 def mean_loss(history: list[dict[str, Any]], *, after: int = 0) -> float:
@@ -83,9 +83,8 @@ def mean_loss(history: list[dict[str, Any]], *, after: int = 0) -> float:
 
 
 def final_history(work: Path) -> list[dict[str, Any]]:
-    history: list[dict[str, Any]] = json.loads(
-        (work / "checkpoints" / "checkpoint-200" / "trainer_state.json").read_text()
-    )["log_history"]
+    """The log history of the run's last checkpoint, at step 200: every attempt's logs up to the end."""
+    history: list[dict[str, Any]] = committed_states(work / "checkpoints")[200]["log_history"]
     return history
 
 
@@ -114,7 +113,7 @@ def test_resume_after_sigkill_repeats_no_step(quick_learner: dict[str, Path], tm
     jobrun.wait_for(first.exists, proc, work, what="the first committed checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    records = committed_records(work / "checkpoints")
+    states = committed_states(work / "checkpoints")
 
     resumed = run_job(quick_learner, work)
     start = resumed["resumedFromStep"]
@@ -123,12 +122,13 @@ def test_resume_after_sigkill_repeats_no_step(quick_learner: dict[str, Path], tm
     assert resumed["stepsThisRun"] == 200 - start
 
     # The summary describes the whole run, not only the attempt that finished it.
-    assert resumed["attempt"] == 2
     history = final_history(work)
     whole, last_attempt = mean_loss(history), mean_loss(history, after=start)  # the latter: the Trainer's train_loss
     assert resumed["metrics"]["trainLoss"] == pytest.approx(whole, rel=1e-6, abs=5e-7)  # abs: rounded to 6 decimals
     assert resumed["metrics"]["trainLoss"] != pytest.approx(last_attempt, rel=1e-3)
-    earlier = records[start]["train_seconds"]  # the killed attempt's, up to the checkpoint resumed from
+    assert resumed["attempt"] == 2
+    # The killed attempt's training seconds up to the checkpoint resumed from, as that checkpoint recorded them
+    earlier = states[start]["stateful_callbacks"]["RunAccount"]["attributes"]["train_seconds"]
     assert earlier > 0
     assert resumed["trainSeconds"] == pytest.approx(earlier + resumed["trainSecondsThisRun"], abs=2e-3)
     samples = 800 * 2  # two epochs of the 800 training pairs, over both attempts
