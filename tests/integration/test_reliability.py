@@ -33,7 +33,7 @@ def test_an_ended_finetunejob_never_gets_a_second_job(control_plane: Any, run: A
     """Its Job removed by ttlSecondsAfterFinished, or by hand, a Failed FineTuneJob stays Failed and gets
     no new Job (today's bug: Failed -> Pending and a new Job every round)."""
     # A dataset without the label column: the job fails at once with a permanent exit code.
-    run("ttl", dataset={"labelField": "target"}, runPolicy={"ttlSecondsAfterFinished": 0})
+    run("ttl", dataset={"labelField": "target"}, runPolicy={"ttlSecondsAfterFinished": 3})
     run("byhand", dataset={"labelField": "target"})
     for name in ("ttl", "byhand"):
         wait_phase(control_plane, namespace, name, "Failed", timeout=180)
@@ -131,24 +131,52 @@ def kubectl_dry_run(plane: Any, obj: dict[str, Any]) -> str:
 def test_delete_and_recreate_the_same_name_converges(
     control_plane: Any, operator: Operator, namespace: str, assets: Any
 ) -> None:
-    """Deleted and re-applied at once, again and again (what CI pipelines do): each incarnation ends with
-    exactly one Job, owned by it, and a status; none is marked Failed while the old Job is collected."""
+    """Deleted and re-applied at once (what CI pipelines do), while the old Job is still being collected
+    (held here by a finalizer, as a slow garbage collector would): the new FineTuneJob waits, says so,
+    is never marked Failed, and gets exactly one Job of its own once the old one is gone."""
     doc = ftj("again", assets, runPolicy={"suspend": True})
-    phases: set[str] = set()
-    for _ in range(8):
+    phases: list[str] = []
+
+    def owners() -> list[list[str]]:
+        return [[r["uid"] for r in j["metadata"].get("ownerReferences", [])] for j in jobs(control_plane, namespace)]
+
+    def settled(uid: str) -> bool:
+        phase = status(control_plane, namespace, "again").get("phase", "")
+        phases.append(phase)
+        return phase == "Suspended" and owners() == [[uid]]
+
+    for held in (True, False, True, False):
         assert apply(control_plane, doc, namespace=namespace).returncode == 0
         uid = (get(control_plane, "ftj", "again", namespace) or {})["metadata"]["uid"]
-
-        def owned_and_suspended(uid: str = uid) -> bool:
-            st = status(control_plane, namespace, "again")
-            phases.add(st.get("phase", ""))
-            owners = [
-                [r["uid"] for r in j["metadata"].get("ownerReferences", [])] for j in jobs(control_plane, namespace)
-            ]
-            return st.get("phase") == "Suspended" and owners == [[uid]]
-
-        wait_for("one Job owned by this incarnation, and Suspended", owned_and_suspended, timeout=60, every=0.2)
+        wait_for("one Job of its own, and Suspended", lambda uid=uid: settled(uid), timeout=60, every=0.2)
+        if held:
+            hold = '{"metadata": {"finalizers": ["test.kubetune.io/hold"]}}'
+            kubectl(control_plane, "patch", "job", "again", "-n", namespace, "--type=merge", "-p", hold)
         kubectl(control_plane, "delete", "ftj", "again", "-n", namespace, "--wait=false")
+        if held:
+            assert apply(control_plane, doc, namespace=namespace).returncode == 0
+            new = (get(control_plane, "ftj", "again", namespace) or {})["metadata"]["uid"]
+            waiting = wait_for(
+                "the new FineTuneJob to say it waits for the old Job",
+                lambda: (
+                    "earlier FineTuneJob" in (st := status(control_plane, namespace, "again")).get("message", "") and st
+                ),
+                timeout=60,
+            )
+            assert waiting["phase"] == "Pending" and owners() == [[uid]], waiting
+            kubectl(
+                control_plane,
+                "patch",
+                "job",
+                "again",
+                "-n",
+                namespace,
+                "--type=merge",
+                "-p",
+                '{"metadata": {"finalizers": null}}',
+            )
+            wait_for("its own Job once the old one is gone", lambda new=new: settled(new), timeout=60, every=0.2)
+            kubectl(control_plane, "delete", "ftj", "again", "-n", namespace, "--wait=false")
     assert "Failed" not in phases, phases
 
 
@@ -165,10 +193,17 @@ def test_a_preemption_while_the_operator_is_down_is_counted(
         kubelet.preempt(namespace, first, grace=5)
         wait_for(
             "the preempted pod gone and its replacement running",
-            lambda: [p["status"].get("phase") for p in pods(control_plane, namespace, "unseen")] == ["Running"],
+            lambda: (
+                [
+                    (p["metadata"]["name"] != first, p["status"].get("phase"))
+                    for p in pods(control_plane, namespace, "unseen")
+                ]
+                == [(True, "Running")]
+            ),
             timeout=120,
         )
     finally:
         operator.start()
     st = wait_phase(control_plane, namespace, "unseen", "Succeeded", timeout=600)
-    assert (st["restarts"], st["lastRestartReason"], st["preemptions"]) == (1, "Preempted", 1), st
+    assert (st.get("restarts"), st.get("lastRestartReason")) == (1, "Preempted"), st
+    assert st["preemptions"] == 1
