@@ -79,6 +79,8 @@ def type_of(schema: dict[str, Any], path: str) -> str:
     if schema.get("x-kubernetes-int-or-string"):
         return "integer or string"
     kind = schema.get("type", "")
+    if not kind and schema.get("x-kubernetes-preserve-unknown-fields"):
+        return "any value"
     if "properties" in schema:
         return f"[object](#{anchor(path)})"
     if _object_items(schema) is not None:
