@@ -47,8 +47,22 @@ def wait_for(what: str, probe: Callable[[], T | None], *, timeout: float = 120.0
 
 
 def install_crd(plane: Any) -> None:
+    """Apply the CRD and wait until it is Established (read from its status: `kubectl wait` right after a
+    create may find nothing yet)."""
     kubectl(plane, "apply", "-f", "-", stdin=yaml.safe_dump(crd()))
-    kubectl(plane, "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+
+    def established() -> bool:
+        conditions = (get_cluster_scoped(plane, "crd", "finetunejobs.kubetune.io") or {}).get("status", {})
+        return any(
+            c.get("type") == "Established" and c.get("status") == "True" for c in conditions.get("conditions", [])
+        )
+
+    wait_for("the CRD to be Established", established, timeout=60)
+
+
+def get_cluster_scoped(plane: Any, kind: str, name: str) -> dict[str, Any] | None:
+    done = kubectl(plane, "get", kind, name, "-o", "json", check=False)
+    return json.loads(done.stdout) if done.returncode == 0 else None
 
 
 def operator_account(plane: Any, workdir: Path, namespace: str = "kubetune-system") -> Path:

@@ -317,6 +317,66 @@ def test_cli_and_server_agree_on_generated_manifests(installed: Any, kube_admin:
     assert min(seen.values()) >= EXAMPLES // 10, seen
 
 
+#: Generated manifests created for real under the running operator, and how long each may wait for a status.
+REAL_EXAMPLES, STATUS_BOUND_SECONDS, RSS_BOUND_MB = 120, 120, 400
+
+
+@pytest.mark.chaos
+def test_generated_manifests_created_for_real_each_get_a_status(operator: Any, kube_admin: Any, namespace: str) -> None:
+    """The generated manifests the API server accepts, created for real (suspended, so no pod runs) under the
+    running operator: each gets a status phase within a bound, and the operator stays healthy, its
+    memory bounded."""
+    import time
+    import urllib.request
+
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    custom = k8s.CustomObjectsApi(kube_admin)
+    created: list[str] = []
+
+    @settings(
+        max_examples=REAL_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+    @given(doc=manifests())
+    def create(doc: dict[str, Any]) -> None:
+        doc = copy.deepcopy(doc)
+        put(doc, ("spec", "runPolicy", "suspend"), True)
+        name = f"gen-{len(created)}"
+        body = {**doc, "metadata": {"name": name, "namespace": namespace}}
+        try:
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, field_validation="Strict")
+        except ApiException as e:
+            if e.status not in (400, 422):
+                raise
+            return
+        created.append(name)
+
+    create()
+    assert len(created) >= REAL_EXAMPLES // 10, len(created)
+    deadline = time.monotonic() + STATUS_BOUND_SECONDS
+    while True:
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        phases = {i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in items}
+        waiting = [n for n in created if phases.get(n) not in ("Suspended", "Failed")]
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not waiting, {n: phases.get(n) for n in waiting[:10]}
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.info['health_port']}/healthz", timeout=5) as answer:
+        assert answer.status == 200
+    rss = next(
+        ln
+        for ln in Path(f"/proc/{operator.info['process'].pid}/status").read_text().splitlines()
+        if ln.startswith("VmRSS:")
+    )
+    assert int(rss.split()[1]) / 1024 < RSS_BOUND_MB, rss
+
+
 FIXED: dict[str, Callable[[dict[str, Any]], None]] = {
     "valid": lambda d: None,
     "batch-size-true": lambda d: put(d, ("spec", "hyperparameters", "batchSize"), True),
