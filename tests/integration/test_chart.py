@@ -162,6 +162,17 @@ def test_operator_runs_from_the_chart_under_restricted_pod_security(control_plan
     """The chart's operator pod is admitted in a restricted namespace and runs."""
     (pod,) = wait_for("the operator pod", lambda: operator_pods(control_plane))
     assert pod["spec"]["serviceAccountName"] == "kubetune-operator"
+    # It leads under the chart's Lease Role, named by its pod name (the downward API).
+    wait_for(
+        "the operator to hold its Lease",
+        lambda: (
+            ((get(control_plane, "lease", "kubetune-operator", "kubetune") or {}).get("spec") or {}).get(
+                "holderIdentity"
+            )
+            == pod["metadata"]["name"]
+        ),
+        timeout=60,
+    )
 
 
 def test_offline_examples_run_to_succeeded(control_plane: Any, release: Any, s3: Any, pushgateway: Any) -> None:
