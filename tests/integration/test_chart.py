@@ -159,7 +159,7 @@ def stage_example(s3: Any) -> None:
 
 
 def test_operator_runs_from_the_chart_under_restricted_pod_security(control_plane: Any, release: Any) -> None:
-    """The chart's operator pod is admitted in a restricted namespace and runs."""
+    """The chart's operator pod is admitted in a restricted namespace, runs, and holds its Lease."""
     (pod,) = wait_for("the operator pod", lambda: operator_pods(control_plane))
     assert pod["spec"]["serviceAccountName"] == "kubetune-operator"
     # It leads under the chart's Lease Role, named by its pod name (the downward API).
