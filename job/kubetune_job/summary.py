@@ -122,7 +122,7 @@ def run_loss(
         if step > current:
             here += loss * (step - begin)
             last = step
-    tail = final_step - max(last, current)
+    tail = final_step - last
     if tail > 0:
         total += attempt_loss * (final_step - current) - here
         covered += tail
