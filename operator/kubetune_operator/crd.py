@@ -164,7 +164,10 @@ STATUS_SCHEMA: dict[str, Any] = {
                 "epoch": {"type": "number"},
                 "percent": {"type": "integer"},
                 "etaSeconds": {"type": "integer"},
-                "samplesPerSecond": {"type": "number"},
+                "samplesPerSecond": {
+                    "type": "number",
+                    "description": "Training throughput; once the run ended, over the whole run, across resumes.",
+                },
             },
         },
         "lastCheckpoint": {
@@ -174,7 +177,8 @@ STATUS_SCHEMA: dict[str, Any] = {
         },
         "metrics": {
             "type": "object",
-            "description": "Latest training and evaluation metrics (trainLoss, evalAccuracy, ...).",
+            "description": "Latest training and evaluation metrics (trainLoss, evalAccuracy, ...); once the run "
+            "ended, trainLoss is the mean over all of its steps, across resumes.",
             "additionalProperties": {"type": "number"},
         },
         "eval": {"type": "string", "description": "The first evaluation metric, as name=value (a column)."},
