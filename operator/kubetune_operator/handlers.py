@@ -345,10 +345,7 @@ def reconcile(ftj: dict[str, Any], indices: Indices) -> None:
     if ftj["metadata"].get("deletionTimestamp"):
         return  # being deleted (foreground): its children go first, and that is no loss to report
     owner = _owner(ftj)
-    key = (owner.namespace, owner.name)
-    job = indices.first(indices.jobs, key)
-    if job is not None and owner.uid not in job["metadata"]["owners"]:
-        job = None  # an earlier FineTuneJob's, or someone else's: the create below tells which
+    job = _own_job(ftj, indices)
     known = WRITTEN.status(ftj)
     if known.get("phase") in ENDED:
         return  # final: no new Job, no suspend flips; its Job's and pods' events may still fill in the summary
@@ -374,6 +371,14 @@ def reconcile(ftj: dict[str, Any], indices: Indices) -> None:
         cluster().suspend_job(owner.namespace, owner.name, suspend)
     refresh(owner.namespace, owner.name, indices, event_job=job)
     observability.reconciled("ok", started)
+
+
+def _own_job(ftj: dict[str, Any], indices: Indices) -> dict[str, Any] | None:
+    """The FineTuneJob's Job as indexed; None when there is none, or the one of its name is an earlier
+    FineTuneJob's or someone else's (creating ours tells which)."""
+    meta = ftj["metadata"]
+    job = indices.first(indices.jobs, (meta["namespace"], meta["name"]))
+    return job if job is not None and meta["uid"] in job["metadata"]["owners"] else None
 
 
 def _job_if_still_there(ftj: dict[str, Any], owner: Owner) -> dict[str, Any] | None:
@@ -421,7 +426,7 @@ def _create(ftj: dict[str, Any], owner: Owner, objects: list[dict[str, Any]]) ->
 
 
 def _end(ftj: dict[str, Any], reason: str, message: str) -> None:
-    """End a FineTuneJob the operator refuses or has lost (once per generation and message), with an Event."""
+    """End a FineTuneJob the operator refuses or has lost, with an Event; an ended status is never rewritten."""
     meta = ftj["metadata"]
     with WRITTEN.lock(meta["namespace"], meta["name"]):
         previous = WRITTEN.status(ftj)
@@ -547,9 +552,7 @@ def tick(indices: Indices, groups: list[dict[str, Any]] | None) -> None:
 def _tick_one(ftj: dict[str, Any], indices: Indices, groups: list[dict[str, Any]] | None) -> None:
     namespace, name = key = (ftj["metadata"]["namespace"], ftj["metadata"]["name"])
     status = WRITTEN.status(ftj)
-    phase, job = status.get("phase"), indices.first(indices.jobs, key)
-    if job is not None and ftj["metadata"]["uid"] not in job["metadata"]["owners"]:
-        job = None  # an earlier FineTuneJob's of the same name
+    phase, job = status.get("phase"), _own_job(ftj, indices)
     if phase == "Running":
         progress = parse_groups(groups, namespace, name) if groups is not None else None
         refresh(namespace, name, indices, progress=progress)
