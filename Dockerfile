@@ -19,7 +19,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY job/ job/
 COPY operator/ operator/
-RUN pip wheel --no-deps --wheel-dir /wheels .
+# The images ship the job and the operator, not the command line: cli/ stays out of the context
+# (.dockerignore), so the package finder finds no kubetune_cli, and the `kubetune` script, which
+# would point at it, comes out of the copy of pyproject.toml the wheel is built from.
+RUN sed -i '/^\[project.scripts\]/,/^$/d' pyproject.toml \
+ && pip wheel --no-deps --wheel-dir /wheels .
 
 # --- runtime: what both images share -------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -11,8 +11,8 @@ import os
 import sys
 
 from . import launch
+from .orchestrate import execute
 from .settings import JobSettings
-from .train import execute
 
 
 def main() -> int:

@@ -27,8 +27,8 @@ from typing import Any
 
 from .errors import ConfigError, ExitCode
 from .settings import JobSettings
+from .summary import failure
 from .summary import write as write_summary
-from .train import failure
 
 log = logging.getLogger(__name__)
 

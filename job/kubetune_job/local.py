@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from .settings import JobSettings
 from .spec import FineTuneJob, load_manifest
 from .storage import is_remote, local_path
-from .train import scores
+from .summary import scores
 
 
 def anchored(uri: str | None, base: Path) -> str | None:
@@ -133,7 +133,7 @@ def run(manifest: Path, *, workdir: Path | None = None, pushgateway: str | None 
 
     from transformers.utils import logging as hf_logging
 
-    from .train import execute
+    from .orchestrate import execute
 
     job = load_manifest(manifest)
     run_dir = (workdir or Path("kubetune-runs")).resolve() / job.metadata.name

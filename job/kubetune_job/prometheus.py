@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric as Family
 from transformers import TrainerCallback
@@ -26,7 +26,7 @@ from .distributed import is_main
 from .errors import PERMANENT_EXIT_CODES
 from .pushgateway import BY_NAME, METRICS, put_group
 from .settings import JobSettings
-from .train import scores
+from .summary import scores
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,7 @@ class JobMetrics:
                 log.exception("sampling metrics failed")
         self.set("kubetune_push_failures_total", self.failures)
         try:
-            body = generate_latest(self.registry)
-            put_group(self.url, self.namespace, self.finetunejob, body=body, timeout=self.timeout)
+            put_group(self.url, self.namespace, self.finetunejob, registry=self.registry, timeout=self.timeout)
         except Exception as e:  # any failure (refused, timeout, HTTP error, bad URL) only counts
             self._failed(e)
             return False

@@ -2,29 +2,23 @@
 
 One group per FineTuneJob, keyed {namespace, finetunejob} under the job label ``kubetune``; never a
 pod or attempt label, so a retried pod replaces its predecessor's values instead of adding series.
-Standard library only: the operator, which reads a job's group and deletes it after the job ended,
-imports this module without the job's heavy dependencies (no prometheus_client, no torch).
+The requests are prometheus_client's push_to_gateway and delete_from_gateway (and so its escaping of
+grouping-key values), imported where they are called: the operator, which deletes a job's group after
+the job ended, imports this module for the catalog without loading anything but the standard library.
 ``METRICS`` is the one list of what the job pushes; docs/metrics.md documents it row for row.
 """
 
 from __future__ import annotations
 
-import base64
-import urllib.parse
-import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 #: The Pushgateway's mandatory ``job`` label for every kubetune group.
 JOB = "kubetune"
-#: The text exposition format the job pushes (the Pushgateway reads it; so does ``promtool check metrics``).
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def base_url(url: str) -> str:
-    """The gateway's URL with a scheme and without a trailing slash (``host:9091`` -> ``http://host:9091``)."""
-    url = url.strip().rstrip("/")
-    return url if "://" in url else f"http://{url}"
 
 
 def grouping_key(namespace: str, finetunejob: str) -> dict[str, str]:
@@ -32,35 +26,39 @@ def grouping_key(namespace: str, finetunejob: str) -> dict[str, str]:
     return {"namespace": namespace, "finetunejob": finetunejob}
 
 
-def _segment(name: str, value: str) -> str:
-    # A value with a slash (or an empty one) cannot be a path segment: the gateway takes it base64url-encoded.
-    if value and "/" not in value:
-        return f"{name}/{urllib.parse.quote(value, safe='')}"
-    return f"{name}@base64/{base64.urlsafe_b64encode(value.encode()).decode() or '='}"
-
-
 def group_url(url: str, namespace: str, finetunejob: str) -> str:
-    """The URL of a FineTuneJob's group: PUT replaces it, DELETE removes it."""
-    labels = {"job": JOB, **grouping_key(namespace, finetunejob)}
-    return base_url(url) + "/metrics/" + "/".join(_segment(k, v) for k, v in labels.items())
+    """The URL of a FineTuneJob's group, as prometheus_client spells it for a push or a delete.
+
+    Asked of the client itself (a handler that records the URL and sends nothing), so that the URL
+    shown here and the one requested are built by one piece of code.
+    """
+    from prometheus_client import delete_from_gateway
+
+    seen: list[str] = []
+
+    def record(
+        url: str, method: str, timeout: float | None, headers: Sequence[object], data: bytes
+    ) -> Callable[[], None]:
+        return lambda: seen.append(url)
+
+    delete_from_gateway(url.strip(), job=JOB, grouping_key=grouping_key(namespace, finetunejob), handler=record)
+    return seen[0]
 
 
-def _send(request: urllib.request.Request, timeout: float) -> int:
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return int(response.status)
+def put_group(url: str, namespace: str, finetunejob: str, *, registry: CollectorRegistry, timeout: float) -> None:
+    """Replace the group with what ``registry`` collects now; raise on any failure."""
+    from prometheus_client import push_to_gateway
 
-
-def put_group(url: str, namespace: str, finetunejob: str, *, body: bytes, timeout: float) -> None:
-    """Replace the group with ``body`` (text exposition format); raise on any failure."""
-    target = group_url(url, namespace, finetunejob)
-    request = urllib.request.Request(target, data=body, method="PUT", headers={"Content-Type": CONTENT_TYPE})
-    _send(request, timeout)
+    push_to_gateway(
+        url.strip(), job=JOB, registry=registry, grouping_key=grouping_key(namespace, finetunejob), timeout=timeout
+    )
 
 
 def delete_group(url: str, namespace: str, finetunejob: str, *, timeout: float = 5.0) -> None:
     """Delete a FineTuneJob's group and every series in it (a missing group too); raise on any failure."""
-    target = group_url(url, namespace, finetunejob)
-    _send(urllib.request.Request(target, method="DELETE"), timeout)
+    from prometheus_client import delete_from_gateway
+
+    delete_from_gateway(url.strip(), job=JOB, grouping_key=grouping_key(namespace, finetunejob), timeout=timeout)
 
 
 @dataclass(frozen=True)

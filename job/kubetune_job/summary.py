@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +135,29 @@ def run_loss(
 def per_second(amount: float, seconds: float) -> float:
     """A throughput for the summary (0 when no time was measured)."""
     return round(amount / seconds, 3) if seconds > 0 else 0.0
+
+
+def camel_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Trainer metric names (eval_f1, train_loss) in the API's spelling (evalF1, trainLoss)."""
+    out = {}
+    for key, value in metrics.items():
+        parts = [p for p in re.split(r"_+", key) if p]
+        name = parts[0] + "".join(p.upper() if p in ("f1",) else p.capitalize() for p in parts[1:])
+        out[name] = round(float(value), 6)
+    return out
+
+
+def scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """Losses and evaluation scores only: no runtimes, throughputs or epoch counters."""
+    skip = ("runtime", "per_second", "epoch")
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not k.endswith(skip)}
+
+
+def failure(
+    code: ExitCode, reason: str, message: str, field: str | None = None, phase: str = "Failed"
+) -> dict[str, Any]:
+    """The summary of a run that ended without training to the end."""
+    out: dict[str, Any] = {"phase": phase, "exitCode": int(code), "reason": reason, "message": message}
+    if field:
+        out["field"] = field
+    return out

@@ -13,8 +13,9 @@ import kopf
 from kubernetes import client as k8s
 
 from . import handlers  # noqa: F401  (registers the handlers)
-from .handlers import SETTINGS, api_configuration
+from .handlers import api_configuration
 from .leader import Elector, standby_health
+from .settings import OperatorSettings
 
 
 def kopf_settings() -> kopf.OperatorSettings:
@@ -29,8 +30,13 @@ def kopf_settings() -> kopf.OperatorSettings:
 
 def main() -> None:
     logging.basicConfig(level=os.environ.get("KUBETUNE_OPERATOR_LOG_LEVEL", "INFO"))
-    health = SETTINGS.health_port
-    elector = Elector.from_settings(k8s.ApiClient(api_configuration()), SETTINGS) if SETTINGS.leader_election else None
+    settings = OperatorSettings()  # read from the environment once; the handlers get it through kopf's memo
+    health = settings.health_port
+    elector = (
+        Elector.from_settings(k8s.ApiClient(api_configuration(settings)), settings)
+        if settings.leader_election
+        else None
+    )
     if elector is not None:
         with standby_health(health):
             elector.acquire()
@@ -39,9 +45,10 @@ def main() -> None:
         kopf.run(
             settings=kopf_settings(),
             standalone=True,
-            clusterwide=not SETTINGS.namespaces,
-            namespaces=SETTINGS.namespaces,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
             liveness_endpoint=f"http://0.0.0.0:{health}/healthz" if health else None,
+            memo=kopf.Memo(settings=settings),
         )
     finally:
         if elector is not None:

@@ -9,6 +9,9 @@ nothing but status (no finalizers, no kopf annotations), so deleting a FineTuneJ
 Child names are deterministic, so a replayed event or an operator restarted between creating the Job
 and writing status creates nothing twice. The operator never reads Secrets: pods get credentials
 through secretKeyRef.
+
+What the handlers share (settings, the API client, the status last written, kopf's indices) is one
+`State`, built by the startup handler and kept in kopf's memo: no module-level mutable state.
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ from .status import (
 )
 
 log = logging.getLogger(__name__)
-SETTINGS = OperatorSettings()
 FTJ = (GROUP, VERSION, PLURAL)
 #: (namespace, FineTuneJob name) -> the values indexed for it (kopf.Index).
 Index = Mapping[tuple[str, str], Any]
@@ -176,7 +178,8 @@ class Written:
     """The status this operator last wrote to each FineTuneJob (by uid), and a lock per FineTuneJob so
     that refreshes started by its Job's and its pods' events do not interleave."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
         self._status: dict[str, dict[str, Any]] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
 
@@ -189,7 +192,7 @@ class Written:
 
     def write(self, ftj: dict[str, Any], status: dict[str, Any]) -> None:
         meta = ftj["metadata"]
-        stored = cluster().patch_status(meta["namespace"], meta["name"], status)
+        stored = self._cluster.patch_status(meta["namespace"], meta["name"], status)
         if stored is not None:
             self._status[meta["uid"]] = stored
 
@@ -198,16 +201,10 @@ class Written:
         self._locks.pop((namespace, name), None)
 
 
-WRITTEN = Written()
-
-
-_cluster: Cluster | None = None
-
-
-def api_configuration() -> k8s.Configuration:
+def api_configuration(settings: OperatorSettings) -> k8s.Configuration:
     """In a pod: the mounted ServiceAccount token; elsewhere: the kubeconfig (KUBECONFIG)."""
     config = k8s.Configuration()
-    account = SETTINGS.service_account_dir
+    account = settings.service_account_dir
     if (account / "token").is_file() and os.environ.get("KUBERNETES_SERVICE_HOST"):
         loader = incluster_config.InClusterConfigLoader(
             token_filename=str(account / "token"), cert_filename=str(account / "ca.crt")
@@ -215,21 +212,14 @@ def api_configuration() -> k8s.Configuration:
         loader.load_and_set(config)
     else:
         k8s_config.load_kube_config(client_configuration=config)
-    config.connection_pool_maxsize = SETTINGS.workers  # one kept-alive connection per handler thread
+    config.connection_pool_maxsize = settings.workers  # one kept-alive connection per handler thread
     return config
 
 
-def cluster() -> Cluster:
-    global _cluster
-    if _cluster is None:
-        _cluster = Cluster(k8s.ApiClient(api_configuration()))
-    return _cluster
-
-
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo:
+def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo:
     """kopf connects with the same credentials as the operator's own client."""
-    config = api_configuration()
+    config = api_configuration(memo.settings)
     header = (config.get_api_key_with_prefix("BearerToken", alias="authorization") or "").strip()
     scheme, _, rest = header.partition(" ")
     token = rest if scheme.lower() == "bearer" else header
@@ -245,7 +235,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+    """kopf's settings, and the operator's State in the memo (memo.settings comes from kopf.run)."""
     # Event handlers only: kopf writes no bookkeeping of its own (annotations, finalizers) to objects.
     # The operator posts its own Events (phase transitions); kopf's per-handler chatter stays in the log.
     settings.posting.enabled = False
@@ -255,10 +246,15 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.batching.batch_window = 0.01
     # Handler threads are bounded, and with them the client's connections. kopf's per-object workers
     # are not: every object's worker must be able to start, for the indices to fill.
-    settings.execution.max_workers = SETTINGS.workers
-    observability.serve(SETTINGS.metrics_port)
-    cluster()
-    threading.Thread(target=_ticker, name="ticker", daemon=True).start()
+    ours: OperatorSettings = memo.settings
+    settings.execution.max_workers = ours.workers
+    observability.serve(ours.metrics_port)
+    api = Cluster(k8s.ApiClient(api_configuration(ours)))
+    # kopf creates its indices before the startup handlers run and fills them in place: the ones passed
+    # here are those every later handler gets, so the ticker thread can keep them.
+    state = State(settings=ours, cluster=api, written=Written(api), indices=Indices.of(kwargs))
+    memo.state = state  # kopf hands each object's handlers a shallow copy of the memo: the same State
+    threading.Thread(target=_ticker, args=(state,), name="ticker", daemon=True).start()
 
 
 def _owner(body: Any) -> Owner:
@@ -297,10 +293,6 @@ def pods_by_owner(body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], 
     return {(namespace, str(_owner_name(body))): plain(pod_view(body))}
 
 
-#: The indices as the last handler saw them, for the ticker thread.
-_INDICES: list[Indices | None] = [None]
-
-
 @dataclass(frozen=True)
 class Indices:
     """kopf's indices, as every handler receives them (by the indexing functions' names)."""
@@ -311,30 +303,39 @@ class Indices:
 
     @classmethod
     def of(cls, kwargs: Mapping[str, Any]) -> Indices:
-        """From a handler's keyword arguments; kept for the ticker too (kopf's indices live as long as
-        the operator)."""
-        indices = cls(kwargs["finetunejobs"], kwargs["jobs_by_owner"], kwargs["pods_by_owner"])
-        _INDICES[0] = indices
-        return indices
+        """From a handler's keyword arguments (kopf's indices live as long as the operator)."""
+        return cls(kwargs["finetunejobs"], kwargs["jobs_by_owner"], kwargs["pods_by_owner"])
 
     @staticmethod
     def first(index: Index, key: tuple[str, str]) -> dict[str, Any] | None:
         return next(iter(index.get(key, ())), None)
 
 
+@dataclass(frozen=True)
+class State:
+    """Everything the handlers share, built once by the startup handler and kept in kopf's memo."""
+
+    settings: OperatorSettings
+    cluster: Cluster
+    written: Written
+    indices: Indices
+
+
 @kopf.on.event(*FTJ)
-def finetunejob_changed(body: Any, namespace: str, name: str, uid: str, type: str | None, **kwargs: Any) -> None:
+def finetunejob_changed(
+    body: Any, namespace: str, name: str, uid: str, type: str | None, memo: kopf.Memo, **_: Any
+) -> None:
     """Every FineTuneJob event (the initial listing too) reconciles it. No kopf bookkeeping is written:
     children exist or not (the Job index says which), and status holds the rest."""
-    indices = Indices.of(kwargs)
+    state: State = memo.state
     if type == "DELETED":
-        deleted(namespace, name, uid, indices)
+        deleted(namespace, name, uid, state)
     else:
         # kopf indexes an event before handling it: the index holds this body, already trimmed and copied.
-        reconcile(indices.first(indices.finetunejobs, (namespace, name)) or plain(body), indices)
+        reconcile(state.indices.first(state.indices.finetunejobs, (namespace, name)) or plain(body), state)
 
 
-def reconcile(ftj: dict[str, Any], indices: Indices) -> None:
+def reconcile(ftj: dict[str, Any], state: State) -> None:
     """Create the Job (and Service) of a FineTuneJob if it has none, keep suspend in step, write status.
 
     Idempotent, and cheap when nothing changed (no API call): it runs for each of the FineTuneJob's
@@ -345,31 +346,31 @@ def reconcile(ftj: dict[str, Any], indices: Indices) -> None:
     if ftj["metadata"].get("deletionTimestamp"):
         return  # being deleted (foreground): its children go first, and that is no loss to report
     owner = _owner(ftj)
-    job = _own_job(ftj, indices)
-    known = WRITTEN.status(ftj)
+    job = _own_job(ftj, state.indices)
+    known = state.written.status(ftj)
     if known.get("phase") in ENDED:
         return  # final: no new Job, no suspend flips; its Job's and pods' events may still fill in the summary
     try:
         spec = parse_spec(ftj.get("spec") or {})
-        objects = children(owner, spec, SETTINGS)
+        objects = children(owner, spec, state.settings)
     except (SpecError, InvalidSpec) as e:
-        _end(ftj, "InvalidSpec", "; ".join(e.problems) if isinstance(e, SpecError) else str(e))
+        _end(ftj, state, "InvalidSpec", "; ".join(e.problems) if isinstance(e, SpecError) else str(e))
         observability.reconciled("invalid", started)
         return
     if job is None and known.get("jobName"):
-        job = _job_if_still_there(ftj, owner)
+        job = _job_if_still_there(ftj, state)
         if job is None:
             observability.reconciled("lost", started)
             return
     if job is None:
-        job, outcome = _create(ftj, owner, objects)
+        job, outcome = _create(ftj, state, objects)
         if job is None:
             observability.reconciled(outcome, started)
             return
     suspend = desired_suspend(spec, job["spec"]["suspend"])
     if suspend is not None:
-        cluster().suspend_job(owner.namespace, owner.name, suspend)
-    refresh(owner.namespace, owner.name, indices, event_job=job)
+        state.cluster.suspend_job(owner.namespace, owner.name, suspend)
+    refresh(owner.namespace, owner.name, state, event_job=job)
     observability.reconciled("ok", started)
 
 
@@ -381,10 +382,11 @@ def _own_job(ftj: dict[str, Any], indices: Indices) -> dict[str, Any] | None:
     return job if job is not None and meta["uid"] in job["metadata"]["owners"] else None
 
 
-def _job_if_still_there(ftj: dict[str, Any], owner: Owner) -> dict[str, Any] | None:
+def _job_if_still_there(ftj: dict[str, Any], state: State) -> dict[str, Any] | None:
     """The Job the status names, read from the API server when the index has none (it may lag); when it
     is gone, the run ended unseen or was cut short: the FineTuneJob ends, and never trains again."""
-    found = cluster().read_job(owner.namespace, owner.name)
+    owner = _owner(ftj)
+    found = state.cluster.read_job(owner.namespace, owner.name)
     if found is not None and claim(found, owner.uid, owner.name) == "ours":
         return job_view(found)
     message = (
@@ -392,58 +394,63 @@ def _job_if_still_there(ftj: dict[str, Any], owner: Owner) -> dict[str, Any] | N
         "runPolicy.ttlSecondsAfterFinished while the operator was away); a FineTuneJob never trains twice: "
         "look for the model at the output location, or create a new FineTuneJob to train again"
     )
-    _end(ftj, "JobDeleted", message)
+    _end(ftj, state, "JobDeleted", message)
     return None
 
 
-def _create(ftj: dict[str, Any], owner: Owner, objects: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+def _create(ftj: dict[str, Any], state: State, objects: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
     """Create the FineTuneJob's children, in order. Returns the Job's view when the Job is ours and was
     there already, else None and what happened: created (its ADDED event writes status), waiting (an
     earlier FineTuneJob's child is still being deleted, or the API server failed for now: status says
     so, and the next round retries), refused or conflict (the FineTuneJob ends, status says why)."""
-    api = cluster()
+    owner, api = _owner(ftj), state.cluster
     for obj in objects:
         what = f"{obj['kind']} {obj['metadata']['name']}"
         try:
             existing, created = api.create(obj)
         except ApiException as e:
             if e.status in PERMANENT_API_ERRORS:
-                _end(ftj, "InvalidSpec", f"the API server refused its {what}: {api_message(e)}")
+                _end(ftj, state, "InvalidSpec", f"the API server refused its {what}: {api_message(e)}")
                 return None, "refused"
             log.warning("cannot create the %s of %s/%s yet: %s", what, owner.namespace, owner.name, api_message(e))
-            _waiting(ftj, f"cannot create its {what} yet: {api_message(e)}")
+            _waiting(ftj, state, f"cannot create its {what} yet: {api_message(e)}")
             return None, "waiting"
         whose = "previous" if existing is None else claim(existing, owner.uid, owner.name)
         if whose == "foreign":
-            _end(ftj, "InvalidSpec", f"a {what} exists and does not belong to this FineTuneJob: delete it, or rename")
+            _end(
+                ftj,
+                state,
+                "InvalidSpec",
+                f"a {what} exists and does not belong to this FineTuneJob: delete it, or rename",
+            )
             return None, "conflict"
         if whose == "previous":
-            _waiting(ftj, f"waiting for the {what} of an earlier FineTuneJob of this name to be deleted")
+            _waiting(ftj, state, f"waiting for the {what} of an earlier FineTuneJob of this name to be deleted")
             return None, "waiting"
         if obj["kind"] == "Job":
             return (None, "created") if created else (job_view(existing or {}), "ok")
     return None, "created"
 
 
-def _end(ftj: dict[str, Any], reason: str, message: str) -> None:
+def _end(ftj: dict[str, Any], state: State, reason: str, message: str) -> None:
     """End a FineTuneJob the operator refuses or has lost, with an Event; an ended status is never rewritten."""
-    meta = ftj["metadata"]
-    with WRITTEN.lock(meta["namespace"], meta["name"]):
-        previous = WRITTEN.status(ftj)
+    meta, written = ftj["metadata"], state.written
+    with written.lock(meta["namespace"], meta["name"]):
+        previous = written.status(ftj)
         if previous.get("phase") in ENDED:
             return
         status = ended_by_operator(reason, message, generation=meta.get("generation", 1), previous=previous, now=now())
         if _changed(previous, status):
-            WRITTEN.write(ftj, status)
-            cluster().event(ftj, "Warning", reason, message)
+            written.write(ftj, status)
+            state.cluster.event(ftj, "Warning", reason, message)
             observability.transition(ftj, previous.get("phase"), "Failed")
 
 
-def _waiting(ftj: dict[str, Any], message: str) -> None:
+def _waiting(ftj: dict[str, Any], state: State, message: str) -> None:
     """Say in status why the FineTuneJob has no Job yet; the periodic round tries again."""
-    meta = ftj["metadata"]
-    with WRITTEN.lock(meta["namespace"], meta["name"]):
-        previous = WRITTEN.status(ftj)
+    meta, written = ftj["metadata"], state.written
+    with written.lock(meta["namespace"], meta["name"]):
+        previous = written.status(ftj)
         status = derive(
             job=None,
             pods=[],
@@ -454,13 +461,13 @@ def _waiting(ftj: dict[str, Any], message: str) -> None:
             create_failure=message,
         )
         if _changed(previous, status):
-            WRITTEN.write(ftj, status)
+            written.write(ftj, status)
 
 
 def refresh(
     namespace: str,
     name: str,
-    indices: Indices,
+    state: State,
     *,
     progress: dict[str, Any] | None = None,
     event_pod: dict[str, Any] | None = None,
@@ -472,12 +479,12 @@ def refresh(
     event_job, event_pod: what a create call or an event just returned, newer than the index may be.
     create_failure: why the Job controller cannot create a pod, just read from its Events.
     """
-    key = (namespace, name)
-    with WRITTEN.lock(namespace, name):
+    key, indices, written = (namespace, name), state.indices, state.written
+    with written.lock(namespace, name):
         ftj = indices.first(indices.finetunejobs, key)
         if ftj is None:
             return None
-        previous = WRITTEN.status(ftj)
+        previous = written.status(ftj)
         if any(
             c.get("reason") == "InvalidSpec" and c.get("status") == "True" for c in previous.get("conditions") or []
         ):
@@ -503,11 +510,11 @@ def refresh(
             create_failure=create_failure,
         )
         if _changed(previous, status):
-            WRITTEN.write(ftj, status)
+            written.write(ftj, status)
             if status["phase"] != previous.get("phase"):
                 observability.transition(ftj, previous.get("phase"), status["phase"])
                 kind = "Warning" if status["phase"] == "Failed" else "Normal"
-                cluster().event(ftj, kind, status["phase"], status.get("message") or status["phase"])
+                state.cluster.event(ftj, kind, status["phase"], status.get("message") or status["phase"])
     observability.record_phase(namespace, name, status["phase"])
     return status
 
@@ -517,56 +524,57 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={FTJ_LABEL: kopf.PRESENT})
-def job_changed(body: Any, namespace: str, type: str | None, **kwargs: Any) -> None:
+def job_changed(body: Any, namespace: str, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     """A Job's change refreshes its FineTuneJob's status. A Job that is gone, or is an earlier
     FineTuneJob's of the same name, reconciles instead: the FineTuneJob may now get its Job, or end."""
     if name := _owner_name(body):
-        indices = Indices.of(kwargs)
-        ftj = indices.first(indices.finetunejobs, (namespace, name))
+        state: State = memo.state
+        ftj = state.indices.first(state.indices.finetunejobs, (namespace, name))
         owners = {r.get("uid") for r in body.get("metadata", {}).get("ownerReferences") or ()}
         if ftj is not None and (type == "DELETED" or ftj["metadata"]["uid"] not in owners):
-            reconcile(ftj, indices)
+            reconcile(ftj, state)
         else:
-            refresh(namespace, name, indices)
+            refresh(namespace, name, state)
 
 
 @kopf.on.event("v1", "pods", labels={FTJ_LABEL: kopf.PRESENT})
-def pod_changed(body: Any, namespace: str, **kwargs: Any) -> None:
+def pod_changed(body: Any, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     if name := _owner_name(body):
-        refresh(namespace, name, Indices.of(kwargs), event_pod=plain(pod_view(body)))
+        refresh(namespace, name, memo.state, event_pod=plain(pod_view(body)))
 
 
-def tick(indices: Indices, groups: list[dict[str, Any]] | None) -> None:
+def tick(state: State, groups: list[dict[str, Any]] | None) -> None:
     """One round over every FineTuneJob: progress (from `groups`, the Pushgateway's answer) while it
     runs; a reconcile while it has no Job (its create may have failed); while its Job has no pod, the
     Job's FailedCreate Events (a quota); its metrics group removed a while after it ended."""
-    for key, values in _snapshot(indices.finetunejobs):
+    for key, values in _snapshot(state.indices.finetunejobs):
         if (ftj := next(iter(values), None)) is None:
             continue
         try:
-            _tick_one(ftj, indices, groups)
+            _tick_one(ftj, state, groups)
         except Exception:  # one FineTuneJob's trouble never stops the round for the others
             log.exception("periodic reconcile of %s/%s failed", *key)
 
 
-def _tick_one(ftj: dict[str, Any], indices: Indices, groups: list[dict[str, Any]] | None) -> None:
+def _tick_one(ftj: dict[str, Any], state: State, groups: list[dict[str, Any]] | None) -> None:
     namespace, name = key = (ftj["metadata"]["namespace"], ftj["metadata"]["name"])
-    status = WRITTEN.status(ftj)
-    phase, job = status.get("phase"), _own_job(ftj, indices)
+    settings, written = state.settings, state.written
+    status = written.status(ftj)
+    phase, job = status.get("phase"), _own_job(ftj, state.indices)
     if phase == "Running":
         progress = parse_groups(groups, namespace, name) if groups is not None else None
-        refresh(namespace, name, indices, progress=progress)
+        refresh(namespace, name, state, progress=progress)
     elif phase not in ENDED and job is None:
-        reconcile(ftj, indices)
-    elif phase == "Pending" and job and not job["spec"]["suspend"] and not indices.pods.get(key):
-        if failure := cluster().create_failure(namespace, job):
-            refresh(namespace, name, indices, create_failure=failure)
-    elif phase in ENDED and SETTINGS.pushgateway_url and not status.get("metricsDeleted"):
+        reconcile(ftj, state)
+    elif phase == "Pending" and job and not job["spec"]["suspend"] and not state.indices.pods.get(key):
+        if failure := state.cluster.create_failure(namespace, job):
+            refresh(namespace, name, state, create_failure=failure)
+    elif phase in ENDED and settings.pushgateway_url and not status.get("metricsDeleted"):
         ended = status.get("completionTime")
-        if ended and _age(ended) >= SETTINGS.pushgateway_group_ttl_seconds:
-            delete_group(SETTINGS.pushgateway_url, namespace, name)
-            with WRITTEN.lock(namespace, name):
-                WRITTEN.write(ftj, {"metricsDeleted": True})
+        if ended and _age(ended) >= settings.pushgateway_group_ttl_seconds:
+            delete_group(settings.pushgateway_url, namespace, name)
+            with written.lock(namespace, name):
+                written.write(ftj, {"metricsDeleted": True})
 
 
 def _snapshot(index: Index) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
@@ -579,16 +587,14 @@ def _snapshot(index: Index) -> list[tuple[tuple[str, str], list[dict[str, Any]]]
     return []
 
 
-def _ticker() -> None:
+def _ticker(state: State) -> None:
     """tick() every progress interval, with one read of the Pushgateway for all FineTuneJobs. A thread
     of the operator's, not a kopf timer: those put a finalizer on every object."""
+    url = state.settings.pushgateway_url
     while True:
-        time.sleep(SETTINGS.progress_interval_seconds)
-        if (indices := _INDICES[0]) is None:
-            continue
+        time.sleep(state.settings.progress_interval_seconds)
         try:
-            groups = read_groups(SETTINGS.pushgateway_url) if SETTINGS.pushgateway_url else None
-            tick(indices, groups)
+            tick(state, read_groups(url) if url else None)
         except Exception:  # a bad round must not stop the next ones
             log.exception("periodic reconcile failed")
 
@@ -597,22 +603,22 @@ def _age(stamp: str) -> float:
     return (datetime.now(UTC) - parse_time(stamp)).total_seconds()
 
 
-def deleted(namespace: str, name: str, uid: str, indices: Indices) -> None:
+def deleted(namespace: str, name: str, uid: str, state: State) -> None:
     """Children go through ownerReferences; the metrics group is removed here (no finalizer)."""
     observability.forget(namespace, name)
-    WRITTEN.forget(namespace, name, uid)
-    if SETTINGS.pushgateway_url:
-        delete_group(SETTINGS.pushgateway_url, namespace, name)
+    state.written.forget(namespace, name, uid)
+    if state.settings.pushgateway_url:
+        delete_group(state.settings.pushgateway_url, namespace, name)
         # A pod stopping now pushes its outcome on the way out: remove the group again once the pods are gone.
-        args = (namespace, name, indices)
+        args = (namespace, name, state)
         threading.Thread(target=_delete_group_after_pods, args=args, daemon=True).start()
 
 
-def _delete_group_after_pods(namespace: str, name: str, indices: Indices) -> None:
-    deadline = time.monotonic() + SETTINGS.termination_grace_seconds + 30
-    while any(key == (namespace, name) and pods for key, pods in _snapshot(indices.pods)):
+def _delete_group_after_pods(namespace: str, name: str, state: State) -> None:
+    deadline = time.monotonic() + state.settings.termination_grace_seconds + 30
+    while any(key == (namespace, name) and pods for key, pods in _snapshot(state.indices.pods)):
         if time.monotonic() >= deadline:
             break
         time.sleep(2)
-    assert SETTINGS.pushgateway_url
-    delete_group(SETTINGS.pushgateway_url, namespace, name)
+    assert state.settings.pushgateway_url
+    delete_group(state.settings.pushgateway_url, namespace, name)

@@ -41,7 +41,7 @@ from kubetune_job import callbacks
 from kubetune_job.checkpoints import checkpoint_dir
 from kubetune_job.settings import JobSettings
 from kubetune_job.spec import parse_manifest
-from kubetune_job.train import run
+from kubetune_job.orchestrate import run
 
 mode, model, data, uri, out, steps, every = sys.argv[1:8]
 blocked, at_end, saving = [], [], []

@@ -4,7 +4,7 @@ One command runs four fine-tunes, each in a fresh process, on the same generated
 training and 408 evaluation sentence pairs of MRPC-like length, about 22 words a sentence):
 
 - the plain seed script: default TrainingArguments (fp32, batch 8, 3 epochs), evaluated at the end;
-- kubetune's job (`kubetune_job.train.run`) with its defaults: the fast path, batch 8, 3 epochs,
+- kubetune's job (`kubetune_job.orchestrate.run`) with its defaults: the fast path, batch 8, 3 epochs,
   evaluation and a committed checkpoint every epoch;
 
 each on a bert-base-sized model (BertConfig defaults, random init, the MiniLM tokenizer, whose
@@ -132,7 +132,7 @@ KUBETUNE = (
 from pathlib import Path
 from kubetune_job.settings import JobSettings
 from kubetune_job.spec import parse_manifest
-from kubetune_job.train import run
+from kubetune_job.orchestrate import run
 
 out = Path(out)
 job = parse_manifest({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bench"},

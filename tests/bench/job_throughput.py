@@ -64,7 +64,7 @@ import json, sys
 from pathlib import Path
 from kubetune_job.settings import JobSettings
 from kubetune_job.spec import parse_manifest
-from kubetune_job.train import run
+from kubetune_job.orchestrate import run
 model_dir, data_dir, epochs, batch = sys.argv[1], sys.argv[2], float(sys.argv[4]), int(sys.argv[5])
 out = Path(sys.argv[3])
 hyper = {"epochs": epochs, "batchSize": batch, "evalBatchSize": 64, "learningRate": 1e-4, **json.loads(sys.argv[6])}

@@ -33,7 +33,7 @@ import json, sys
 from pathlib import Path
 from kubetune_job.settings import JobSettings
 from kubetune_job.spec import parse_manifest
-from kubetune_job.train import execute
+from kubetune_job.orchestrate import execute
 model_dir, data_dir, out, epochs, gateway, interval = sys.argv[1:7]
 out = Path(out)
 job = parse_manifest({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bench"},

@@ -417,7 +417,7 @@ def test_kubetune_validate_agrees_with_kubectl(installed: Any, namespace: str, t
 
 def validate(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kubetune_operator.cli", "validate", str(path)],
+        [sys.executable, "-m", "kubetune_cli", "validate", str(path)],
         capture_output=True,
         text=True,
         timeout=120,

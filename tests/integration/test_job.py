@@ -141,7 +141,7 @@ def test_quickstart_example_learns_offline(tmp_path: Path) -> None:
     if not (model / "config.json").is_file():
         pytest.fail("examples/models/all-MiniLM-L6-v2 is missing: run `make install` first")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "kubetune_operator.cli", "run", str(ROOT / "examples" / "quickstart.yaml")]
+    cmd = [sys.executable, "-m", "kubetune_cli", "run", str(ROOT / "examples" / "quickstart.yaml")]
     done = subprocess.run([*cmd, "--workdir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "quickstart" / "summary.json").read_text())

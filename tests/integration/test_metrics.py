@@ -234,7 +234,7 @@ def test_deleted_group_leaves_no_series_on_the_gateway(tiny: dict[str, Path], tm
 def test_kubetune_run_pushgateway_flag_pushes_a_local_run(tiny: dict[str, Path], tmp_path: Path, pushgateway: Any,
                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     """`kubetune run FILE --pushgateway URL` pushes the local run's group, outcome included."""
-    from kubetune_operator.cli import main
+    from kubetune_cli.commands import main
 
     name = f"local-{secrets.token_hex(3)}"
     job = manifest(tiny, tmp_path, name, maxSteps=10)
@@ -260,9 +260,9 @@ def blackhole() -> Iterator[str]:
 def test_blackholed_gateway_neither_fails_nor_stops_training(tiny: dict[str, Path], tmp_path: Path,
                                                              blackhole: str) -> None:  # fmt: skip
     """Training against a gateway that never answers succeeds, and the summary counts the failed pushes."""
+    from kubetune_job.orchestrate import execute
     from kubetune_job.settings import JobSettings
     from kubetune_job.spec import parse_manifest
-    from kubetune_job.train import execute
 
     job = parse_manifest(manifest(tiny, tmp_path, "blackholed", maxSteps=30), "test")
     settings = JobSettings(

@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.cli import main
-from kubetune_operator.crd import crd
-from kubetune_operator.docs import (
+from kubetune_cli.commands import main
+from kubetune_cli.docs import (
     API_COMMAND,
     VALUES_COMMAND,
     anchor,
@@ -20,6 +19,7 @@ from kubetune_operator.docs import (
     sections,
     values_markdown,
 )
+from kubetune_operator.crd import crd
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubetune"

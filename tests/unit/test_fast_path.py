@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from kubetune_job import launch
+from kubetune_job.arguments import arguments, check_extra, global_batch, pad_multiple
 from kubetune_job.errors import ConfigError, ExitCode
 from kubetune_job.settings import JobSettings
 from kubetune_job.spec import FineTuneJobSpec, parse_manifest
-from kubetune_job.training import arguments, check_extra, global_batch, pad_multiple
 from tests.unit.test_spec import GOOD
 
 
@@ -205,7 +205,7 @@ def test_other_nodes_report_their_own_code_but_not_the_runs_summary() -> None:
 def test_only_each_nodes_first_process_writes_the_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1 on rank 0's node fails like rank 0 but leaves the summary file to it; another node's first
     process (local rank 0) writes its own, for its own launcher."""
-    from kubetune_job.train import execute
+    from kubetune_job.orchestrate import execute
 
     logging.getLogger("kubetune_job").setLevel(logging.CRITICAL)
     s = settings(tmp_path).model_copy(update={"spec": "not json"})

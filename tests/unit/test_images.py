@@ -421,3 +421,19 @@ def test_job_imports_with_only_the_job_extra() -> None:
     """Every job module imports with only what kubetune[job] installs (no Kubernetes client)."""
     done = import_in_image("kubetune_job", "job")
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_operator_image_inputs_leave_out_the_command_line(stages: dict[str, Stage], tmp_path: Path) -> None:
+    """No stage copies cli/, the context leaves it out, and the wheel's pyproject.toml loses the `kubetune` script."""
+    sources = [s.rstrip("/") for stage in stages.values() for copy in stage.copies for s in copy]
+    assert not [s for s in sources if s == "cli" or s.startswith(("cli/", "."))], sources
+    for path in (ROOT / "cli" / "kubetune_cli").rglob("*.py"):
+        assert dockerignored(path.relative_to(ROOT).as_posix(), dockerignore()), path
+    assert any(t.endswith(":main") for t in pyproject()["project"]["scripts"].values())
+    # Run the builder's own edit of pyproject.toml on a copy: what the wheel is built from names no script.
+    (edit,) = [run.split("&&")[0].strip() for run in stages["builder"].runs if "project.scripts" in run]
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    subprocess.run(["bash", "-c", edit], cwd=tmp_path, check=True)
+    built = tomllib.loads((tmp_path / "pyproject.toml").read_text())
+    assert "scripts" not in built["project"]
+    assert built["project"]["optional-dependencies"] == pyproject()["project"]["optional-dependencies"]

@@ -112,9 +112,9 @@ def value(metrics: Any, name: str, labels: tuple[str, ...] = ()) -> float | None
 
 
 def test_group_url_names_job_namespace_and_finetunejob() -> None:
-    """The group URL is /metrics/job/kubetune/namespace/<ns>/finetunejob/<name>."""
+    """The group URL is /metrics/job/kubetune/ then the grouping key, finetunejob/<name>/namespace/<ns> (sorted)."""
     url = group_url("http://gw:9091/", "ml", "bert-mrpc")
-    assert url == "http://gw:9091/metrics/job/kubetune/namespace/ml/finetunejob/bert-mrpc"
+    assert url == "http://gw:9091/metrics/job/kubetune/finetunejob/bert-mrpc/namespace/ml"
 
 
 def test_group_url_accepts_host_and_port_without_scheme() -> None:
@@ -125,7 +125,7 @@ def test_group_url_accepts_host_and_port_without_scheme() -> None:
 def test_group_url_base64_encodes_values_a_path_cannot_hold() -> None:
     """A value with a slash, or an empty one, goes base64url-encoded as the gateway expects."""
     url = group_url("http://gw", "a/b", "")
-    assert url.endswith("/namespace@base64/YS9i/finetunejob@base64/=")
+    assert url.endswith("/finetunejob@base64/=/namespace@base64/YS9i")
 
 
 def test_pushgateway_module_imports_nothing_heavy() -> None:
@@ -163,7 +163,7 @@ def test_start_puts_the_group_in_text_format(gateway: Recorder) -> None:
     metrics = job_metrics(gateway.url).start()
     first = gateway.wait_for(1)[0]
     metrics.finish({"phase": "Succeeded"})
-    assert first["method"] == "PUT" and first["path"] == "/metrics/job/kubetune/namespace/ml/finetunejob/bert"
+    assert first["method"] == "PUT" and first["path"] == "/metrics/job/kubetune/finetunejob/bert/namespace/ml"
     assert first["type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert "kubetune_job_running 1.0" in first["body"] and "kubetune_job_start_time_seconds " in first["body"]
 
@@ -262,7 +262,7 @@ def test_delete_group_sends_delete_to_the_group(gateway: Recorder) -> None:
     """delete_group DELETEs the FineTuneJob's group URL."""
     delete_group(gateway.url, "ml", "bert")
     assert gateway.requests[-1]["method"] == "DELETE"
-    assert gateway.requests[-1]["path"] == "/metrics/job/kubetune/namespace/ml/finetunejob/bert"
+    assert gateway.requests[-1]["path"] == "/metrics/job/kubetune/finetunejob/bert/namespace/ml"
 
 
 def test_unknown_metric_name_is_rejected() -> None:

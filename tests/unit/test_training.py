@@ -10,13 +10,12 @@ import pytest
 from transformers import TrainerControl, TrainerState
 
 from kubetune_job import spec as spec_module
+from kubetune_job.arguments import arguments, check_extra, resolve_precision
 from kubetune_job.callbacks import LogAtSaves, RunAccount
 from kubetune_job.errors import ConfigError
 from kubetune_job.spec import parse_manifest
-from kubetune_job.summary import Lineage
+from kubetune_job.summary import Lineage, camel_metrics, scores
 from kubetune_job.tasks import TASKS
-from kubetune_job.train import camel_metrics, scores
-from kubetune_job.training import arguments, check_extra, resolve_precision
 from tests.unit.test_spec import GOOD
 
 

@@ -53,9 +53,9 @@ def _training_argument_names() -> set[str]:
 
 def _check_extra(extra: dict[str, Any], known: set[str], path: Path) -> None:
     """The job's own check of hyperparameters.extra, so validate refuses what the job would."""
+    from kubetune_job.arguments import check_extra
     from kubetune_job.errors import ConfigError
     from kubetune_job.spec import SpecError
-    from kubetune_job.training import check_extra
 
     if not known:
         return
@@ -111,7 +111,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _docs(args: argparse.Namespace) -> int:
-    from kubetune_operator import docs
+    from kubetune_cli import docs
     from kubetune_operator.crd import crd
 
     if args.what == "api":
@@ -161,7 +161,3 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

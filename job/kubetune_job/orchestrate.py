@@ -7,7 +7,6 @@ an exit code and the JSON summary. Side effects (output, summary) happen on the 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from .errors import ExitCode, JobError, ModelError, Preempted
 from .settings import JobSettings
 from .spec import FineTuneJobSpec, SpecError
 from .storage import StorageOptions, check_writable, download_prefix, is_remote, local_path, open_storage
-from .summary import per_second, run_loss
+from .summary import camel_metrics, failure, per_second, run_loss, scores
 from .summary import write as write_summary
 
 if TYPE_CHECKING:
@@ -69,22 +68,6 @@ def dataset_splits(
             download_prefix(open_storage(ds.uri, options, field="spec.dataset.uri"), "", target)
         return load_local(target, ds)
     return load_local(local_path(ds.uri), ds)
-
-
-def camel_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Trainer metric names (eval_f1, train_loss) in the API's spelling (evalF1, trainLoss)."""
-    out = {}
-    for key, value in metrics.items():
-        parts = [p for p in re.split(r"_+", key) if p]
-        name = parts[0] + "".join(p.upper() if p in ("f1",) else p.capitalize() for p in parts[1:])
-        out[name] = round(float(value), 6)
-    return out
-
-
-def scores(metrics: dict[str, Any]) -> dict[str, float]:
-    """Losses and evaluation scores only: no runtimes, throughputs or epoch counters."""
-    skip = ("runtime", "per_second", "epoch")
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not k.endswith(skip)}
 
 
 def last_eval(history: list[dict[str, Any]], step: int) -> dict[str, float] | None:
@@ -139,12 +122,12 @@ def run(
     """
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, set_seed
 
+    from .arguments import global_batch, metric_function, pad_multiple, training_arguments
     from .callbacks import CommitCheckpoints, LogAtSaves, RunAccount
     from .distributed import SaveBarrier, from_main, is_local_main, is_main, local_main_first
     from .output import model_card, save
     from .preemption import Preemption
     from .tasks import TASKS
-    from .training import global_batch, metric_function, pad_multiple, training_arguments
 
     work = settings.work_dir
     staging = work / "trainer"
@@ -265,15 +248,6 @@ def load_spec(settings: JobSettings) -> FineTuneJobSpec:
             return parse_manifest(data, str(settings.spec_file)).spec
         return parse_spec(data, str(settings.spec_file))
     raise SpecError("environment", ["set KUBETUNE_SPEC (JSON) or KUBETUNE_SPEC_FILE (a path)"])
-
-
-def failure(
-    code: ExitCode, reason: str, message: str, field: str | None = None, phase: str = "Failed"
-) -> dict[str, Any]:
-    out: dict[str, Any] = {"phase": phase, "exitCode": int(code), "reason": reason, "message": message}
-    if field:
-        out["field"] = field
-    return out
 
 
 def execute(

@@ -1,0 +1,1 @@
+"""kubetune's command line: `kubetune run/validate/render/crd/docs`. Not in either image."""
