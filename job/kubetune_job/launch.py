@@ -25,8 +25,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .errors import ConfigError, ExitCode
-from .settings import JobSettings
+from kubetune_api.exit_codes import ExitCode
+from kubetune_api.settings import JobSettings
+
+from .errors import ConfigError
 from .summary import write as write_summary
 from .train import failure
 

@@ -7,15 +7,17 @@ an exit code and the JSON summary. Side effects (output, summary) happen on the 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune_api.exit_codes import ExitCode
+from kubetune_api.metrics import api_name
+from kubetune_api.settings import JobSettings, local_checkpoints
+from kubetune_api.spec import FineTuneJobSpec, SpecError
+
 from .checkpoints import CheckpointStore, checkpoint_dir
-from .errors import ExitCode, JobError, ModelError, Preempted
-from .settings import JobSettings
-from .spec import FineTuneJobSpec, SpecError
+from .errors import JobError, ModelError, Preempted
 from .storage import StorageOptions, check_writable, download_prefix, is_remote, local_path, open_storage
 from .summary import per_second, run_loss
 from .summary import write as write_summary
@@ -73,12 +75,7 @@ def dataset_splits(
 
 def camel_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Trainer metric names (eval_f1, train_loss) in the API's spelling (evalF1, trainLoss)."""
-    out = {}
-    for key, value in metrics.items():
-        parts = [p for p in re.split(r"_+", key) if p]
-        name = parts[0] + "".join(p.upper() if p in ("f1",) else p.capitalize() for p in parts[1:])
-        out[name] = round(float(value), 6)
-    return out
+    return {api_name(key): round(float(value), 6) for key, value in metrics.items()}
 
 
 def scores(metrics: dict[str, Any]) -> dict[str, float]:
@@ -143,14 +140,14 @@ def run(
     from .distributed import SaveBarrier, from_main, is_local_main, is_main, local_main_first
     from .output import model_card, save
     from .preemption import Preemption
-    from .tasks import TASKS
+    from .tasks import IMPLEMENTATIONS
     from .training import global_batch, metric_function, pad_multiple, training_arguments
 
     work = settings.work_dir
     staging = work / "trainer"
     has_eval = spec.dataset.eval_split is not None
     args = training_arguments(spec, output_dir=staging, has_eval=has_eval)  # before any heavy loading
-    checkpoints_uri = spec.checkpoints.uri or str(work / "checkpoints")
+    checkpoints_uri = spec.checkpoints.uri or local_checkpoints(work)
     output_uri = spec.output.uri or str(work / "output")
     if not spec.checkpoints.uri:
         log.warning("no checkpoints.uri: checkpoints stay in %s and do not outlive this machine", checkpoints_uri)
@@ -163,7 +160,7 @@ def run(
         check_writable(checkpoint_storage)
         check_writable(output)
 
-    task = TASKS[spec.task]
+    task = IMPLEMENTATIONS[spec.task]
     hp = spec.hyperparameters
     with local_main_first():  # one download and one tokenization per pod, however many processes
         source, field, hub = model_source(spec, work, download=is_local_main(), options=opts)
@@ -249,7 +246,7 @@ def load_spec(settings: JobSettings) -> FineTuneJobSpec:
 
     import yaml
 
-    from .spec import parse_manifest, parse_spec
+    from kubetune_api.spec import parse_manifest, parse_spec
 
     if settings.spec:
         try:

@@ -27,7 +27,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from kubetune_job.spec import FineTuneJobSpec, parse_manifest
+from kubetune_api.spec import FineTuneJobSpec, parse_manifest
 from kubetune_operator.manifests import SCRATCH, Owner, environment, pod_template
 from kubetune_operator.settings import OperatorSettings
 from tests.unit.test_spec import GOOD
@@ -394,6 +394,7 @@ def test_build_context_keeps_what_the_dockerfile_copies(stages: dict[str, Stage]
     for source in sources:
         assert not dockerignored(source, patterns), source
     for path in [
+        *(ROOT / "api" / "kubetune_api").rglob("*.py"),
         *(ROOT / "job" / "kubetune_job").rglob("*.py"),
         *(ROOT / "operator" / "kubetune_operator").rglob("*.py"),
     ]:
