@@ -18,7 +18,7 @@ class JobError(Exception):
     def __init__(self, field: str | None, message: str) -> None:
         self.field = field
         self.message = message
-        #: Extra summary fields (progress at the time of the error).
+        #: Summary fields to add (kubetune_api.summary.Summary, by field name): progress at the time of the error.
         self.details: dict[str, Any] = {}
         super().__init__(f"{field}: {message}" if field else message)
 

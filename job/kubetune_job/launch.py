@@ -91,7 +91,7 @@ def outcome(returncode: int, first: dict[str, Any] | None, *, node_rank: int) ->
             message = f"a training process failed (torchrun exit code {returncode}) before writing a summary"
         else:
             message = "torchrun ended without a summary from the first process"
-        return failure(ExitCode.RETRYABLE, "Error", f"{message}; see the pod log"), ExitCode.RETRYABLE
+        return failure(ExitCode.RETRYABLE, "Error", f"{message}; see the pod log").wire(), ExitCode.RETRYABLE
     code = ExitCode.SUCCEEDED if first.get("phase") == "Succeeded" else int(first.get("exitCode", ExitCode.RETRYABLE))
     if code != ExitCode.SUCCEEDED:
         return first, code
