@@ -22,17 +22,20 @@ def _gauge(value: float, **labels: str) -> dict[str, Any]:
 
 def _more() -> list[dict[str, Any]]:
     """Statuses from the operator's other sources of status fields."""
+    values = {
+        "kubetune_train_global_step": 459,
+        "kubetune_train_total_steps": 1377,
+        "kubetune_train_epoch": 1.33,
+        "kubetune_train_samples_per_second": 41.5,
+        "kubetune_train_eta_seconds": 140.4,
+        "kubetune_train_loss": 0.33,
+        "kubetune_checkpoint_step": 459,
+        "kubetune_checkpoint_timestamp_seconds": 1_767_225_600,
+    }
     group = {
         "labels": {"job": "kubetune", "namespace": "ml", "finetunejob": "bert"},
-        "kubetune_train_global_step": _gauge(459),
-        "kubetune_train_total_steps": _gauge(1377),
-        "kubetune_train_epoch": _gauge(1.33),
-        "kubetune_train_samples_per_second": _gauge(41.5),
-        "kubetune_train_eta_seconds": _gauge(140.4),
-        "kubetune_train_loss": _gauge(0.33),
+        **{name: _gauge(value) for name, value in values.items()},
         "kubetune_eval_metric": _gauge(0.855, metric="f1"),
-        "kubetune_checkpoint_step": _gauge(459),
-        "kubetune_checkpoint_timestamp_seconds": _gauge(1_767_225_600),
     }
     job = {"metadata": {"name": "x"}, "spec": {}, "status": {"startTime": "2026-01-01T00:00:00Z"}}
     running = {"metadata": {"name": "p", "uid": "u", "creationTimestamp": "2026-01-01T00:00:00Z"}}

@@ -184,7 +184,7 @@ def importable_in(extra: str) -> list[str]:
     modules = {
         m for m, owners in metadata.packages_distributions().items() if dists & set(map(canonicalize_name, owners))
     }
-    return sorted(modules | {"kubetune_job", "kubetune_operator"})
+    return sorted(modules | {"kubetune_api", "kubetune_job", "kubetune_operator"})
 
 
 # Imports every module of a package in a fresh interpreter where a module installed in site-packages
