@@ -10,8 +10,9 @@ import logging
 import os
 import sys
 
+from kubetune_api.settings import JobSettings
+
 from . import launch
-from .settings import JobSettings
 from .train import execute
 
 

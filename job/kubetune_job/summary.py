@@ -1,42 +1,27 @@
-"""The run's JSON summary: what the operator copies into status and `kubetune run` prints, and the
-arithmetic of its whole-run figures (loss, throughput) across the attempts of a resumed run."""
+"""Writing the run's JSON summary (kubetune_api.summary.Summary: what the operator copies into status
+and `kubetune run` prints), and the arithmetic of its whole-run figures (loss, throughput) across the
+attempts of a resumed run."""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune_api.summary import LIMIT, Summary
+
 log = logging.getLogger(__name__)
 
-#: Kubernetes keeps at most 4096 bytes of a termination message.
-LIMIT = 4096
+
+def encode(summary: Summary | Mapping[str, Any], limit: int = LIMIT) -> str:
+    """The summary as the termination message: a Summary (the fields the job assembled, checked against
+    it) within `limit` bytes, by Summary's own rule for fitting."""
+    return (summary if isinstance(summary, Summary) else Summary.model_validate(summary)).encode(limit)
 
 
-def encode(summary: dict[str, Any], limit: int = LIMIT) -> str:
-    """Compact JSON within `limit` bytes: long messages and warning lists are shortened first."""
-    text = json.dumps(summary, separators=(",", ":"), default=str)
-    if len(text.encode()) <= limit:
-        return text
-    trimmed = dict(summary)
-    if trimmed.get("warnings"):
-        trimmed["warnings"] = trimmed["warnings"][:2]
-    if "message" in trimmed:
-        trimmed["message"] = ""
-    budget = limit - len(json.dumps(trimmed, separators=(",", ":"), default=str).encode()) - 8
-    if "message" in summary and budget > 0:
-        trimmed["message"] = summary["message"].encode()[:budget].decode(errors="ignore") + "…"
-    text = json.dumps(trimmed, separators=(",", ":"), default=str)
-    if len(text.encode()) > limit:  # still too long: keep only what status needs
-        keep = {k: trimmed[k] for k in ("phase", "exitCode", "reason", "finalStep", "outputUri") if k in trimmed}
-        text = json.dumps(keep, separators=(",", ":"), default=str)
-    return text
-
-
-def write(path: Path, summary: dict[str, Any]) -> None:
+def write(path: Path, summary: Summary | Mapping[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(encode(summary))

@@ -29,7 +29,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 from kubernetes.config import incluster_config
 
-from kubetune_job.spec import SpecError, parse_spec
+from kubetune_api.spec import SpecError, parse_spec
 
 from . import observability
 from .crd import GROUP, PLURAL, VERSION
