@@ -17,6 +17,7 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY api/ api/
 COPY job/ job/
 COPY operator/ operator/
 # The images ship the job and the operator, not the command line: cli/ stays out of the context

@@ -15,7 +15,7 @@ testbed:  ## build (or find cached) the control plane, etcd, helm, SeaweedFS; in
 
 lint:
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check job operator cli tests
+	$(BIN)/ruff format --check api job operator cli tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile

@@ -13,8 +13,8 @@ from typing import Any
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kubetune_job.errors import ExitCode
-    from kubetune_job.spec import SpecError, load_manifest
+    from kubetune_api.exit_codes import ExitCode
+    from kubetune_api.spec import SpecError, load_manifest
 
     failed = False
     known: set[str] | None = None
@@ -53,9 +53,9 @@ def _training_argument_names() -> set[str]:
 
 def _check_extra(extra: dict[str, Any], known: set[str], path: Path) -> None:
     """The job's own check of hyperparameters.extra, so validate refuses what the job would."""
+    from kubetune_api.spec import SpecError
     from kubetune_job.arguments import check_extra
     from kubetune_job.errors import ConfigError
-    from kubetune_job.spec import SpecError
 
     if not known:
         return
@@ -66,9 +66,9 @@ def _check_extra(extra: dict[str, Any], known: set[str], path: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kubetune_job.errors import ExitCode
+    from kubetune_api.exit_codes import ExitCode
+    from kubetune_api.spec import SpecError
     from kubetune_job.local import run
-    from kubetune_job.spec import SpecError
 
     try:
         return run(args.file, workdir=args.workdir, pushgateway=args.pushgateway)
@@ -94,8 +94,8 @@ def _crd(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     import yaml
 
-    from kubetune_job.errors import ExitCode
-    from kubetune_job.spec import SpecError, load_manifest
+    from kubetune_api.exit_codes import ExitCode
+    from kubetune_api.spec import SpecError, load_manifest
     from kubetune_operator.manifests import InvalidSpec, Owner, children
     from kubetune_operator.settings import OperatorSettings
 

@@ -10,9 +10,10 @@ import logging
 import os
 import sys
 
+from kubetune_api.settings import JobSettings
+
 from . import launch
 from .orchestrate import execute
-from .settings import JobSettings
 
 
 def main() -> int:

@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kubetune_api.spec import FineTuneJobSpec, Hyperparameters
+
 from .errors import ConfigError
-from .spec import FineTuneJobSpec, Hyperparameters
 
 log = logging.getLogger(__name__)
 

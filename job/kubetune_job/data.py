@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kubetune_api.spec import DatasetSource
+
 from .errors import DataError
-from .spec import DatasetSource
 
 log = logging.getLogger(__name__)
 

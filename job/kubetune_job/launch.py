@@ -25,8 +25,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .errors import ConfigError, ExitCode
-from .settings import JobSettings
+from kubetune_api.exit_codes import ExitCode
+from kubetune_api.settings import JobSettings
+
+from .errors import ConfigError
 from .summary import failure
 from .summary import write as write_summary
 
@@ -89,7 +91,7 @@ def outcome(returncode: int, first: dict[str, Any] | None, *, node_rank: int) ->
             message = f"a training process failed (torchrun exit code {returncode}) before writing a summary"
         else:
             message = "torchrun ended without a summary from the first process"
-        return failure(ExitCode.RETRYABLE, "Error", f"{message}; see the pod log"), ExitCode.RETRYABLE
+        return failure(ExitCode.RETRYABLE, "Error", f"{message}; see the pod log").wire(), ExitCode.RETRYABLE
     code = ExitCode.SUCCEEDED if first.get("phase") == "Succeeded" else int(first.get("exitCode", ExitCode.RETRYABLE))
     if code != ExitCode.SUCCEEDED:
         return first, code

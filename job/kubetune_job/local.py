@@ -15,8 +15,9 @@ from typing import Any, TextIO
 
 from transformers import TrainerCallback
 
-from .settings import JobSettings
-from .spec import FineTuneJob, load_manifest
+from kubetune_api.settings import JobSettings, local_checkpoints
+from kubetune_api.spec import FineTuneJob, load_manifest
+
 from .storage import is_remote, local_path
 from .summary import scores
 
@@ -36,7 +37,7 @@ def localize(job: FineTuneJob, manifest_dir: Path, run_dir: Path) -> FineTuneJob
         "model": spec.model.model_copy(update={"uri": anchored(spec.model.uri, manifest_dir)}),
         "dataset": spec.dataset.model_copy(update={"uri": anchored(spec.dataset.uri, manifest_dir)}),
         "checkpoints": spec.checkpoints.model_copy(
-            update={"uri": anchored(spec.checkpoints.uri, manifest_dir) or str(run_dir / "checkpoints")}
+            update={"uri": anchored(spec.checkpoints.uri, manifest_dir) or local_checkpoints(run_dir)}
         ),
         "output": spec.output.model_copy(
             update={"uri": anchored(spec.output.uri, manifest_dir) or str(run_dir / "model")}

@@ -11,10 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune_api.exit_codes import ExitCode
+from kubetune_api.settings import JobSettings, local_checkpoints
+from kubetune_api.spec import FineTuneJobSpec, SpecError
+from kubetune_api.summary import Summary
+
 from .checkpoints import CheckpointStore, checkpoint_dir
-from .errors import ExitCode, JobError, ModelError, Preempted
-from .settings import JobSettings
-from .spec import FineTuneJobSpec, SpecError
+from .errors import JobError, ModelError, Preempted
 from .storage import StorageOptions, check_writable, download_prefix, is_remote, local_path, open_storage
 from .summary import camel_metrics, failure, per_second, run_loss, scores
 from .summary import write as write_summary
@@ -88,18 +91,18 @@ def storage_options(spec: FineTuneJobSpec, settings: JobSettings) -> StorageOpti
 def progress(
     trainer: Any, account: RunAccount, commit: CommitCheckpoints, resumed: int | None, warnings: list[str]
 ) -> dict[str, Any]:
-    """Where training stands, for the summary of a finished or a preempted run."""
+    """Where training stands, for the summary of a finished or a preempted run (Summary fields)."""
     return {
-        "finalStep": trainer.state.global_step,
-        "totalSteps": trainer.state.max_steps,
+        "final_step": trainer.state.global_step,
+        "total_steps": trainer.state.max_steps,
         "epoch": round(float(trainer.state.epoch or 0), 4),
-        "resumedFromStep": resumed or 0,
+        "resumed_from_step": resumed or 0,
         "attempt": account.lineage.attempt,
-        "stepsThisRun": account.steps,
-        "samplesThisRun": account.samples,
-        "lastCheckpointStep": commit.last_committed or resumed,
-        "checkpointWaitSeconds": round(commit.upload_wait_seconds, 3),
-        "checkpointUploadSeconds": round(commit.upload_seconds, 3),
+        "steps_this_run": account.steps,
+        "samples_this_run": account.samples,
+        "last_checkpoint_step": commit.last_committed or resumed,
+        "checkpoint_wait_seconds": round(commit.upload_wait_seconds, 3),
+        "checkpoint_upload_seconds": round(commit.upload_seconds, 3),
         "warnings": warnings,
     }
 
@@ -112,7 +115,7 @@ def run(
     console_logs: bool = True,
     job_metrics: JobMetrics | None = None,
     preemption: Preemption | None = None,
-) -> dict[str, Any]:
+) -> Summary:
     """Fine-tune as the spec says; return the summary of a successful run.
 
     preemption: the SIGTERM handler execute() installed; without one, SIGTERM is not handled.
@@ -127,13 +130,13 @@ def run(
     from .distributed import SaveBarrier, from_main, is_local_main, is_main, local_main_first
     from .output import model_card, save
     from .preemption import Preemption
-    from .tasks import TASKS
+    from .tasks import IMPLEMENTATIONS
 
     work = settings.work_dir
     staging = work / "trainer"
     has_eval = spec.dataset.eval_split is not None
     args = training_arguments(spec, output_dir=staging, has_eval=has_eval)  # before any heavy loading
-    checkpoints_uri = spec.checkpoints.uri or str(work / "checkpoints")
+    checkpoints_uri = spec.checkpoints.uri or local_checkpoints(work)
     output_uri = spec.output.uri or str(work / "output")
     if not spec.checkpoints.uri:
         log.warning("no checkpoints.uri: checkpoints stay in %s and do not outlive this machine", checkpoints_uri)
@@ -146,7 +149,7 @@ def run(
         check_writable(checkpoint_storage)
         check_writable(output)
 
-    task = TASKS[spec.task]
+    task = IMPLEMENTATIONS[spec.task]
     hp = spec.hyperparameters
     with local_main_first():  # one download and one tokenization per pod, however many processes
         source, field, hub = model_source(spec, work, download=is_local_main(), options=opts)
@@ -209,20 +212,20 @@ def run(
     metrics = camel_metrics(scores({"train_loss": loss, **evaluation}))
     seconds = float(result.metrics.get("train_runtime", 0.0))  # this attempt's, as the Trainer measured it
 
-    summary: dict[str, Any] = {
-        "phase": "Succeeded",
+    summary = Summary(
+        phase="Succeeded",
         **progress(trainer, account, commit, resumed, store.warnings),
-        "metrics": metrics,
+        metrics=metrics,
         # Over the whole run: every attempt's samples and training time up to the checkpoint it ended with
-        "trainSamplesPerSecond": per_second(lineage.samples + account.run_samples, lineage.seconds + seconds),
-        "trainSeconds": round(lineage.seconds + seconds, 3),
-        "trainSecondsThisRun": round(seconds, 3),
-        "outputUri": output_uri,
-        "labels": labels,
-    }
+        train_samples_per_second=per_second(lineage.samples + account.run_samples, lineage.seconds + seconds),
+        train_seconds=round(lineage.seconds + seconds, 3),
+        train_seconds_this_run=round(seconds, 3),
+        output_uri=output_uri,
+        labels=labels,
+    )
     if trainer.is_world_process_zero():
         card = model_card(name=settings.name, spec=spec, labels=labels, metrics=metrics, steps=step)
-        save(trainer, tokenizer, output, card=card, metrics={**summary, "warnings": None})
+        save(trainer, tokenizer, output, card=card, metrics={**summary.wire(), "warnings": None})
     return summary
 
 
@@ -232,7 +235,7 @@ def load_spec(settings: JobSettings) -> FineTuneJobSpec:
 
     import yaml
 
-    from .spec import parse_manifest, parse_spec
+    from kubetune_api.spec import parse_manifest, parse_spec
 
     if settings.spec:
         try:
@@ -289,16 +292,17 @@ def execute(
             ExitCode.INVALID_CONFIG,
         )
     except JobError as e:
-        summary, code = {**failure(e.code, e.reason, e.message, e.field, e.phase), **e.details}, e.code
+        summary = failure(e.code, e.reason, e.message, e.field, e.phase).model_copy(update=e.details)
+        code = e.code
     except Exception as e:  # unexpected: retried by the Job's backoffLimit
         log.exception("the job failed")
         summary, code = failure(ExitCode.RETRYABLE, "Error", f"{type(e).__name__}: {e}"), ExitCode.RETRYABLE
     if code != ExitCode.SUCCEEDED:
-        log.error("%s: %s", summary["reason"], summary["message"])
+        log.error("%s: %s", summary.reason, summary.message)
     if metrics is not None:
-        summary["metricsPushFailures"] = metrics.failures
+        summary = summary.model_copy(update={"metrics_push_failures": metrics.failures})
     if writes_summary:
         write_summary(settings.summary_path, summary)
     if metrics is not None:  # after the summary: a hung gateway must not eat a preempted pod's grace period
-        metrics.finish(summary)
+        metrics.finish(summary.wire())
     return int(code)

@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kubetune_api.spec import FineTuneJobSpec
+
 from .errors import StorageUnavailable
-from .spec import FineTuneJobSpec
 from .storage import Storage, upload_dir
 
 CARD = """---

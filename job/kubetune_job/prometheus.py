@@ -22,10 +22,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric as Family
 from transformers import TrainerCallback
 
+from kubetune_api.exit_codes import PERMANENT_EXIT_CODES
+from kubetune_api.metrics import BY_NAME, CATALOG
+from kubetune_api.settings import JobSettings
+
 from .distributed import is_main
-from .errors import PERMANENT_EXIT_CODES
-from .pushgateway import BY_NAME, METRICS, put_group
-from .settings import JobSettings
+from .pushgateway import put_group
 from .summary import scores
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class _Snapshot:
 
     def collect(self) -> Iterator[Family]:
         values = self.metrics.snapshot()
-        for metric in METRICS:
+        for metric in CATALOG:
             series = values.get(metric.name)
             if not series:
                 continue
@@ -107,7 +109,7 @@ class JobMetrics:
     def _check(name: str, labels: Labels) -> None:
         metric = BY_NAME.get(name)
         if metric is None or len(labels) != len(metric.labels):
-            raise ValueError(f"{name}{labels}: not in the metric catalog (kubetune_job.pushgateway.METRICS)")
+            raise ValueError(f"{name}{labels}: not in the metric catalog (kubetune_api.metrics.CATALOG)")
 
     # Pushing.
 

@@ -1,45 +1,29 @@
-"""The run's JSON summary: what the operator copies into status and `kubetune run` prints, and the
-arithmetic of its whole-run figures (loss, throughput) across the attempts of a resumed run."""
+"""Writing the run's JSON summary (kubetune_api.summary.Summary: what the operator copies into status
+and `kubetune run` prints), and the arithmetic of its whole-run figures (loss, throughput) across the
+attempts of a resumed run."""
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ExitCode
+from kubetune_api.exit_codes import ExitCode
+from kubetune_api.metrics import api_name
+from kubetune_api.summary import LIMIT, Summary
 
 log = logging.getLogger(__name__)
 
-#: Kubernetes keeps at most 4096 bytes of a termination message.
-LIMIT = 4096
+
+def encode(summary: Summary | Mapping[str, Any], limit: int = LIMIT) -> str:
+    """The summary as the termination message: a Summary (the fields the job assembled, checked against
+    it) within `limit` bytes, by Summary's own rule for fitting."""
+    return (summary if isinstance(summary, Summary) else Summary.model_validate(summary)).encode(limit)
 
 
-def encode(summary: dict[str, Any], limit: int = LIMIT) -> str:
-    """Compact JSON within `limit` bytes: long messages and warning lists are shortened first."""
-    text = json.dumps(summary, separators=(",", ":"), default=str)
-    if len(text.encode()) <= limit:
-        return text
-    trimmed = dict(summary)
-    if trimmed.get("warnings"):
-        trimmed["warnings"] = trimmed["warnings"][:2]
-    if "message" in trimmed:
-        trimmed["message"] = ""
-    budget = limit - len(json.dumps(trimmed, separators=(",", ":"), default=str).encode()) - 8
-    if "message" in summary and budget > 0:
-        trimmed["message"] = summary["message"].encode()[:budget].decode(errors="ignore") + "…"
-    text = json.dumps(trimmed, separators=(",", ":"), default=str)
-    if len(text.encode()) > limit:  # still too long: keep only what status needs
-        keep = {k: trimmed[k] for k in ("phase", "exitCode", "reason", "finalStep", "outputUri") if k in trimmed}
-        text = json.dumps(keep, separators=(",", ":"), default=str)
-    return text
-
-
-def write(path: Path, summary: dict[str, Any]) -> None:
+def write(path: Path, summary: Summary | Mapping[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(encode(summary))
@@ -139,12 +123,7 @@ def per_second(amount: float, seconds: float) -> float:
 
 def camel_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Trainer metric names (eval_f1, train_loss) in the API's spelling (evalF1, trainLoss)."""
-    out = {}
-    for key, value in metrics.items():
-        parts = [p for p in re.split(r"_+", key) if p]
-        name = parts[0] + "".join(p.upper() if p in ("f1",) else p.capitalize() for p in parts[1:])
-        out[name] = round(float(value), 6)
-    return out
+    return {api_name(key): round(float(value), 6) for key, value in metrics.items()}
 
 
 def scores(metrics: dict[str, Any]) -> dict[str, float]:
@@ -153,11 +132,6 @@ def scores(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not k.endswith(skip)}
 
 
-def failure(
-    code: ExitCode, reason: str, message: str, field: str | None = None, phase: str = "Failed"
-) -> dict[str, Any]:
+def failure(code: ExitCode, reason: str, message: str, field: str | None = None, phase: str = "Failed") -> Summary:
     """The summary of a run that ended without training to the end."""
-    out: dict[str, Any] = {"phase": phase, "exitCode": int(code), "reason": reason, "message": message}
-    if field:
-        out["field"] = field
-    return out
+    return Summary(phase=phase, exit_code=int(code), reason=reason, message=message, field=field or None)

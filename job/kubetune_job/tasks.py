@@ -1,7 +1,7 @@
 """The task registry: what a task loads, how it prepares data and how it scores predictions.
 
-A new task is one class with the same four methods, registered in TASKS under a name that
-spec.TASKS also lists (a unit test keeps the two in step).
+A new task is one class with the same four methods, registered in IMPLEMENTATIONS under a name
+that spec.TASKS also lists (a unit test keeps the two in step).
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from kubetune_api.spec import DatasetSource
+
 from .data import check_columns, label_names, tokenize
 from .errors import ModelError
-from .spec import DatasetSource
 
 log = logging.getLogger(__name__)
 
@@ -83,4 +84,4 @@ class TextClassification:
         return np.argmax(logits, axis=-1)
 
 
-TASKS: dict[str, Task] = {"text-classification": TextClassification()}
+IMPLEMENTATIONS: dict[str, Task] = {"text-classification": TextClassification()}

@@ -1,4 +1,4 @@
-"""The FineTuneJob CustomResourceDefinition, generated from the pydantic spec (one source of truth).
+"""The FineTuneJob CustomResourceDefinition, generated from the pydantic spec and status (one source of truth).
 
 pydantic emits JSON Schema; Kubernetes wants a structural OpenAPI v3 schema. This module inlines
 references, turns optional unions into plain typed fields, int-or-string unions into
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune_job import spec as api
+from kubetune_api import spec as api
+from kubetune_api.status import FineTuneJobStatus
 
 GROUP, VERSION = api.API_VERSION.split("/")
 PLURAL, SINGULAR, SHORT = "finetunejobs", "finetunejob", "ftj"
@@ -31,11 +32,11 @@ def _inline(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
 
 
-def _union(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+def _union(node: dict[str, Any], defs: dict[str, Any], *, bounded: bool) -> dict[str, Any]:
     branches = [_inline(b, defs) for b in node["anyOf"] if b.get("type") != "null"]
     rest = {k: v for k, v in node.items() if k != "anyOf"}
     if len(branches) == 1:
-        out = structural({**branches[0], **rest}, defs)
+        out = structural({**branches[0], **rest}, defs, bounded=bounded)
         if len(branches) < len(node["anyOf"]) and rest.get("default") is not None:
             out["nullable"] = True  # null means something other than the default (evalSplit: null)
         return out
@@ -47,15 +48,19 @@ def _union(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             "message": f"use {' or '.join(words)}, or a positive number of steps",
         }
         out = {"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [rule]}
-        return {**out, **{k: v for k, v in structural(rest, defs).items() if k != "type"}}
+        return {**out, **{k: v for k, v in structural(rest, defs, bounded=bounded).items() if k != "type"}}
     raise ValueError(f"cannot express union {types} in a structural schema")
 
 
-def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    """A structural OpenAPI v3 schema node for a pydantic JSON Schema node."""
+def structural(node: dict[str, Any], defs: dict[str, Any], *, bounded: bool = True) -> dict[str, Any]:
+    """A structural OpenAPI v3 schema node for a pydantic JSON Schema node.
+
+    bounded: every string, list, map and integer must carry an upper bound (the spec's, which CEL rules
+    read). The status has no CEL rules, and a bound there would make the API server refuse a whole
+    status write over one long message, so it is generated unbounded."""
     node = _inline(node, defs)
     if "anyOf" in node:
-        return _union(node, defs)
+        return _union(node, defs, bounded=bounded)
     if node.get("x-kubernetes-preserve-unknown-fields") and "type" not in node:
         return node  # already OpenAPI (spec.free_form): any value, nested to a bound
     if "propertyNames" in node:
@@ -76,24 +81,25 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         del out["default"]
     kind = out.get("type")
     if kind == "object" or "properties" in node:
-        _object(out, node, defs)
+        _object(out, node, defs, bounded=bounded)
     elif kind == "array":
-        out["items"] = structural(node["items"], defs)
-    if kind in _BOUNDS and "enum" not in out:
+        out["items"] = structural(node["items"], defs, bounded=bounded)
+    if bounded and kind in _BOUNDS and "enum" not in out:
         _require(out, _BOUNDS[kind])
     return out
 
 
-def _object(out: dict[str, Any], node: dict[str, Any], defs: dict[str, Any]) -> None:
+def _object(out: dict[str, Any], node: dict[str, Any], defs: dict[str, Any], *, bounded: bool) -> None:
     """An object's fields, a map's values, or (with neither) any fields."""
     out["type"] = "object"
     if "properties" in node:
-        out["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
+        out["properties"] = {k: structural(v, defs, bounded=bounded) for k, v in node["properties"].items()}
         if isinstance(out.get("default"), dict):
             out["default"] = {}  # nested defaults fill in from the properties' own defaults
     elif isinstance(node.get("additionalProperties"), dict) and node["additionalProperties"]:
-        out["additionalProperties"] = structural(node["additionalProperties"], defs)
-        _require(out, "maxProperties")
+        out["additionalProperties"] = structural(node["additionalProperties"], defs, bounded=bounded)
+        if bounded:
+            _require(out, "maxProperties")
     else:
         out["x-kubernetes-preserve-unknown-fields"] = True
 
@@ -130,80 +136,6 @@ def _same(new: str, old: str, message: str) -> dict[str, str]:
     return {"rule": rule, "message": message}
 
 
-STATUS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "Written by the operator.",
-    "x-kubernetes-preserve-unknown-fields": True,
-    "properties": {
-        "phase": {"type": "string", "description": "Pending, Running, Succeeded, Failed or Suspended."},
-        "message": {"type": "string", "description": "What happened last, in words."},
-        "observedGeneration": {"type": "integer", "description": "The spec generation this status describes."},
-        "jobName": {"type": "string", "description": "The batch/v1 Job running this FineTuneJob."},
-        "startTime": {"type": "string", "format": "date-time", "description": "When the first pod started."},
-        "completionTime": {"type": "string", "format": "date-time", "description": "When the job ended."},
-        "restarts": {"type": "integer", "description": "Pods replaced after a failure or preemption."},
-        "lastRestartReason": {"type": "string", "description": "Preempted, OOMKilled or Error."},
-        "failureCount": {"type": "integer", "description": "Pod failures seen, the last one included."},
-        "preemptions": {
-            "type": "integer",
-            "description": "Pod failures that were preemptions (never counted against maxRetries), of failureCount.",
-        },
-        "failures": {
-            "type": "array",
-            "description": "The newest pod failures: pod, uid and reason.",
-            "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        },
-        "metricsDeleted": {"type": "boolean", "description": "The job's Pushgateway group was removed."},
-        "progress": {
-            "type": "object",
-            "description": "Training progress, from the job's metrics.",
-            "x-kubernetes-preserve-unknown-fields": True,
-            "properties": {
-                "step": {"type": "integer"},
-                "totalSteps": {"type": "integer"},
-                "epoch": {"type": "number"},
-                "percent": {"type": "integer"},
-                "etaSeconds": {"type": "integer"},
-                "samplesPerSecond": {
-                    "type": "number",
-                    "description": "Training throughput; once the run ended, over the whole run, across resumes.",
-                },
-            },
-        },
-        "lastCheckpoint": {
-            "type": "object",
-            "description": "The newest committed checkpoint.",
-            "x-kubernetes-preserve-unknown-fields": True,
-        },
-        "metrics": {
-            "type": "object",
-            "description": "Latest training and evaluation metrics (trainLoss, evalAccuracy, ...); once the run "
-            "ended, trainLoss is the mean over all of its steps, across resumes.",
-            "additionalProperties": {"type": "number"},
-        },
-        "eval": {"type": "string", "description": "The first evaluation metric, as name=value (a column)."},
-        "outputUri": {"type": "string", "description": "Where the final model is."},
-        "conditions": {
-            "type": "array",
-            "description": "Created, Running, Suspended, Succeeded, Failed, with reasons.",
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-            "items": {
-                "type": "object",
-                "required": ["type", "status"],
-                "properties": {
-                    "type": {"type": "string"},
-                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-                    "reason": {"type": "string"},
-                    "message": {"type": "string"},
-                    "lastTransitionTime": {"type": "string", "format": "date-time"},
-                    "observedGeneration": {"type": "integer"},
-                },
-            },
-        },
-    },
-}
-
 COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent", "description": "percent done"},
@@ -218,6 +150,12 @@ def spec_schema() -> dict[str, Any]:
     schema = structural(raw, raw.get("$defs", {}))
     schema["x-kubernetes-validations"] = immutability(schema["properties"])
     return schema
+
+
+def status_schema() -> dict[str, Any]:
+    """The status subresource's schema, from FineTuneJobStatus: what the model lacks, the API server prunes."""
+    raw = FineTuneJobStatus.model_json_schema(by_alias=True)
+    return structural(raw, raw.get("$defs", {}), bounded=False)
 
 
 def crd() -> dict[str, Any]:
@@ -255,7 +193,7 @@ def crd() -> dict[str, Any]:
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
                                 "spec": spec_schema(),
-                                "status": STATUS_SCHEMA,
+                                "status": status_schema(),
                             },
                         }
                     },

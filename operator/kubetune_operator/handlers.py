@@ -32,7 +32,8 @@ from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 from kubernetes.config import incluster_config
 
-from kubetune_job.spec import SpecError, parse_spec
+from kubetune_api.spec import SpecError, parse_spec
+from kubetune_api.status import TIMESTAMP
 
 from . import observability
 from .crd import GROUP, PLURAL, VERSION
@@ -57,7 +58,7 @@ Index = Mapping[tuple[str, str], Any]
 
 
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime(TIMESTAMP)
 
 
 def plain(value: Any) -> Any:
@@ -119,8 +120,8 @@ class Cluster:
             "reason": reason,
             "message": message[:1024],
             "source": {"component": "kubetune-operator"},
-            "firstTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "lastTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "firstTimestamp": stamp.strftime(TIMESTAMP),
+            "lastTimestamp": stamp.strftime(TIMESTAMP),
             "count": 1,
         }
         try:

@@ -9,9 +9,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune_job.errors import PERMANENT_EXIT_CODES, ExitCode
-from kubetune_job.spec import API_VERSION, KIND, FineTuneJobSpec
-from kubetune_job.storage import join
+from kubetune_api.exit_codes import PERMANENT_EXIT_CODES, ExitCode
+from kubetune_api.settings import pod_env, run_location
+from kubetune_api.spec import API_VERSION, KIND, FineTuneJobSpec
 
 from .settings import OperatorSettings
 from .status import COMPLETION_INDEX
@@ -43,9 +43,9 @@ class InvalidSpec(ValueError):
 
 def resolve(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> FineTuneJobSpec:
     """The spec with the operator's defaults filled in: locations, storage, image."""
-    default = f"{owner.namespace}/{owner.name}/"
-    checkpoints = spec.checkpoints.uri or (settings.checkpoint_root and join(settings.checkpoint_root, default) + "/")
-    output = spec.output.uri or (settings.output_root and join(settings.output_root, default) + "/")
+    where = {"namespace": owner.namespace, "name": owner.name}
+    checkpoints = spec.checkpoints.uri or (settings.checkpoint_root and run_location(settings.checkpoint_root, **where))
+    output = spec.output.uri or (settings.output_root and run_location(settings.output_root, **where))
     storage = spec.storage.model_copy(
         update={
             "endpoint": spec.storage.endpoint or settings.storage_endpoint,
@@ -102,28 +102,29 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
 
 def environment(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> list[dict[str, Any]]:
     """The job's whole configuration, passed in the pod: no API access needed."""
-    env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_SPEC", "value": json.dumps(spec.model_dump(mode="json", by_alias=True, exclude_none=True))},
-        {"name": "KUBETUNE_NAME", "value": owner.name},
-        {"name": "KUBETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "KUBETUNE_WORK_DIR", "value": "/tmp/kubetune"},
-        {"name": "KUBETUNE_SUMMARY_PATH", "value": "/dev/termination-log"},
-        {"name": "KUBETUNE_NPROC_PER_NODE", "value": str(max(spec.resources.gpus, 1))},
+    several = spec.resources.nodes > 1
+    job_settings: dict[str, Any] = {
+        "spec": json.dumps(spec.model_dump(mode="json", by_alias=True, exclude_none=True)),
+        "name": owner.name,
+        "namespace": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        "nproc_per_node": max(spec.resources.gpus, 1),
+        "pushgateway_url": settings.pushgateway_url or None,
+    }
+    if several:
+        job_settings |= {
+            "nnodes": spec.resources.nodes,
+            "node_rank": {"fieldRef": {"fieldPath": NODE_RANK_FIELD}},
+            "master_addr": f"{owner.name}-0.{service_name(owner)}",
+            "master_port": settings.master_port,
+        }
+    env = [
+        *pod_env(job_settings),
         {"name": "HOME", "value": "/tmp/home"},
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "XDG_CACHE_HOME", "value": "/cache"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    if settings.pushgateway_url:
-        env.append({"name": "KUBETUNE_PUSHGATEWAY_URL", "value": settings.pushgateway_url})
-    if spec.resources.nodes > 1:
-        env += [
-            {"name": "KUBETUNE_NNODES", "value": str(spec.resources.nodes)},
-            {"name": "KUBETUNE_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": NODE_RANK_FIELD}}},
-            {"name": "KUBETUNE_MASTER_ADDR", "value": f"{owner.name}-0.{service_name(owner)}"},
-            {"name": "KUBETUNE_MASTER_PORT", "value": str(settings.master_port)},
-        ]
     storage = spec.storage
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})

@@ -13,6 +13,8 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
+from kubetune_api.metrics import eval_name
+from kubetune_api.status import TIMESTAMP
 from kubetune_job import pushgateway
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,6 @@ def _value(metric: dict[str, Any]) -> float | None:
     return values[0][1] if values else None
 
 
-def _camel(name: str) -> str:
-    return "".join(p.upper() if p == "f1" else p.capitalize() for p in name.split("_"))
-
-
 def live_metrics(group: dict[str, Any]) -> dict[str, float]:
     """trainLoss and eval<Metric> as the job last pushed them (status.metrics while it runs)."""
     out = {}
@@ -54,7 +52,7 @@ def live_metrics(group: dict[str, Any]) -> dict[str, float]:
         out["trainLoss"] = round(loss, 6)
     for labels, value in _values(group.get("kubetune_eval_metric") or {}):
         if name := labels.get("metric"):
-            out["eval" + _camel(name)] = round(value, 6)
+            out[eval_name(name)] = round(value, 6)
     return out
 
 
@@ -87,7 +85,7 @@ def parse_groups(groups: list[dict[str, Any]], namespace: str, name: str) -> dic
 
 
 def _stamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(seconds, UTC).strftime(TIMESTAMP)
 
 
 def read_groups(url: str) -> list[dict[str, Any]] | None:

@@ -4,12 +4,13 @@ over plain dicts (API objects in their JSON spelling), so every rule is unit-tes
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetune_job.errors import ExitCode
+from kubetune_api.exit_codes import ExitCode
+from kubetune_api.metrics import eval_name
+from kubetune_api.summary import Summary
 
 WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError")
 CONDITION_TYPES = ("Created", "Running", "Suspended", "Succeeded", "Failed")
@@ -42,14 +43,9 @@ def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def summary_of(pod: dict[str, Any]) -> dict[str, Any] | None:
-    """The job's JSON summary from a pod's termination message, if it wrote one."""
-    state = _terminated(pod)
-    try:
-        data = json.loads((state or {}).get("message") or "")
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+def summary_of(pod: dict[str, Any]) -> Summary | None:
+    """The job's summary from a pod's termination message, if it wrote one."""
+    return Summary.parse((_terminated(pod) or {}).get("message"))
 
 
 def restart_reason(pod: dict[str, Any]) -> str:
@@ -344,28 +340,32 @@ def derive(
 def metric_fields(values: dict[str, float], metrics: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"metrics": values}
     if metrics:
-        key = "eval" + "".join(p.upper() if p == "f1" else p.capitalize() for p in metrics[0].split("_"))
+        key = eval_name(metrics[0])
         if key in values:
             out["eval"] = f"{metrics[0]}={values[key]:.4f}"
     return out
 
 
-def from_summary(summary: dict[str, Any], metrics: list[str], phase: str) -> dict[str, Any]:
+def from_summary(summary: Summary, metrics: list[str], phase: str) -> dict[str, Any]:
     """Status fields from the job's own summary (final metrics, output, or the error)."""
     out: dict[str, Any] = {}
-    if summary.get("metrics"):
-        out |= metric_fields(summary["metrics"], metrics)
-    if summary.get("phase") == "Succeeded" and phase == "Succeeded":
-        out["outputUri"] = summary.get("outputUri")
-        step, total = summary.get("finalStep"), summary.get("totalSteps")
-        out["progress"] = {"step": step, "totalSteps": total, "percent": 100, "epoch": summary.get("epoch")}
-        if summary.get("trainSamplesPerSecond"):
-            out["progress"]["samplesPerSecond"] = summary["trainSamplesPerSecond"]
-    if summary.get("phase") == "Failed" and phase == "Failed":
-        field = f" ({summary['field']})" if summary.get("field") else ""
-        out["message"] = f"{summary.get('reason', 'Error')}{field}: {summary.get('message', '')}"
-    if summary.get("lastCheckpointStep"):
-        out["lastCheckpoint"] = {"step": summary["lastCheckpointStep"]}
+    if summary.metrics:
+        out |= metric_fields(summary.metrics, metrics)
+    if summary.phase == "Succeeded" and phase == "Succeeded":
+        out["outputUri"] = summary.output_uri
+        out["progress"] = {
+            "step": summary.final_step,
+            "totalSteps": summary.total_steps,
+            "percent": 100,
+            "epoch": summary.epoch,
+        }
+        if summary.train_samples_per_second:
+            out["progress"]["samplesPerSecond"] = summary.train_samples_per_second
+    if summary.phase == "Failed" and phase == "Failed":
+        field = f" ({summary.field})" if summary.field else ""
+        out["message"] = f"{summary.reason or 'Error'}{field}: {summary.message or ''}"
+    if summary.last_checkpoint_step:
+        out["lastCheckpoint"] = {"step": summary.last_checkpoint_step}
     return out
 
 

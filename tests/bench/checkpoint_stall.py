@@ -39,8 +39,8 @@ from pathlib import Path
 from transformers import Trainer
 from kubetune_job import callbacks
 from kubetune_job.checkpoints import checkpoint_dir
-from kubetune_job.settings import JobSettings
-from kubetune_job.spec import parse_manifest
+from kubetune_api.settings import JobSettings
+from kubetune_api.spec import parse_manifest
 from kubetune_job.orchestrate import run
 
 mode, model, data, uri, out, steps, every = sys.argv[1:8]

@@ -130,8 +130,8 @@ KUBETUNE = (
     PROBE
     + """
 from pathlib import Path
-from kubetune_job.settings import JobSettings
-from kubetune_job.spec import parse_manifest
+from kubetune_api.settings import JobSettings
+from kubetune_api.spec import parse_manifest
 from kubetune_job.orchestrate import run
 
 out = Path(out)

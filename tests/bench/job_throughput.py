@@ -62,8 +62,8 @@ print("RESULT", json.dumps({"samples_per_second": result.metrics["train_samples_
 KUBETUNE = """
 import json, sys
 from pathlib import Path
-from kubetune_job.settings import JobSettings
-from kubetune_job.spec import parse_manifest
+from kubetune_api.settings import JobSettings
+from kubetune_api.spec import parse_manifest
 from kubetune_job.orchestrate import run
 model_dir, data_dir, epochs, batch = sys.argv[1], sys.argv[2], float(sys.argv[4]), int(sys.argv[5])
 out = Path(sys.argv[3])

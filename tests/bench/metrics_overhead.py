@@ -31,8 +31,8 @@ BATCH = 16
 CHILD = """
 import json, sys
 from pathlib import Path
-from kubetune_job.settings import JobSettings
-from kubetune_job.spec import parse_manifest
+from kubetune_api.settings import JobSettings
+from kubetune_api.spec import parse_manifest
 from kubetune_job.orchestrate import execute
 model_dir, data_dir, out, epochs, gateway, interval = sys.argv[1:7]
 out = Path(out)

@@ -30,7 +30,7 @@ from kubernetes import watch
 ROOT = Path(__file__).parents[2]
 sys.path[:0] = [str(ROOT)]
 
-from kubetune_job.spec import parse_manifest  # noqa: E402
+from kubetune_api.spec import parse_manifest  # noqa: E402
 from kubetune_operator.manifests import Owner, children  # noqa: E402
 from kubetune_operator.settings import OperatorSettings  # noqa: E402
 from tests.kube import JOB_IMAGE, install_crd, operator_process  # noqa: E402

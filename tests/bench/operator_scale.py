@@ -20,11 +20,12 @@ Each size gets its own control plane and operator (nothing is deleted between si
 objects, and every process's memory high-water mark, never carry into the next.
 Goals at 10,000 on a 2-core machine: >= 100 reconciles/s, operator peak RSS <= 400 MB.
 
-Observed on a 2-core machine shared with other test runs (load 4-7): 1,000 took 21 s to every status
-(47/s, operator peak RSS 219 MB), 10,000 took 408 s (24.5/s, 1055 MB). Per FineTuneJob the operator
-spent 16-21 ms of CPU and the API server with etcd 18-27 ms, so two idle cores cap the whole at about
-40-57/s: the goal needs less CPU per object from both. The operator's RSS grew by about 93 KB per
-FineTuneJob, and stayed there once every status was written.
+Observed in two runs on a 2-core machine shared with other test runs (load 3-7): 1,000 took 21-51 s
+to every status (20-47/s, operator peak RSS 219-224 MB), 10,000 took 408-722 s (14-24.5/s, 1055-1176
+MB). Per FineTuneJob the operator spent 16-29 ms of CPU and the API server with etcd 18-39 ms (more
+on the busier run), so two idle cores cap the whole at about 28-57/s: the goal needs less CPU per
+object from both. The operator's RSS grew by about 100 KB per FineTuneJob and stayed there once
+every status was written.
 
     .venv/bin/python tests/bench/operator_scale.py [--sizes 1000,10000] [--namespaces 10] [--creators 16]
 """

@@ -25,8 +25,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubetune_job import spec as api
-from kubetune_job.spec import SpecError, parse_manifest
+from kubetune_api import spec as api
+from kubetune_api.spec import SpecError, parse_manifest
 from kubetune_operator.crd import GROUP, PLURAL, VERSION, crd
 from kubetune_operator.manifests import Owner, children
 from kubetune_operator.settings import OperatorSettings

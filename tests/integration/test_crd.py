@@ -11,6 +11,7 @@ import pytest
 
 from tests.kube import apply as kube_apply
 from tests.kube import install_crd, kubectl
+from tests.status_cases import derived_statuses, without_nulls
 from tests.unit.test_spec import GOOD as SPEC_GOOD
 
 pytestmark = pytest.mark.integration
@@ -136,3 +137,15 @@ def test_what_the_job_or_service_would_refuse_is_refused_here(
 def test_duplicate_metrics_are_refused(installed: Any, namespace: str) -> None:
     """metrics is a set: a metric listed twice is refused, as the CLI refuses it."""
     assert "spec.metrics[1]: Duplicate value" in rejected(installed, namespace, with_spec(metrics=["f1", "f1"]))
+
+
+def test_every_derived_status_survives_the_api_server(installed: Any, namespace: str) -> None:
+    """Each status the operator derives in the decision tests is written through the status subresource
+    and read back whole: the generated schema prunes nothing the operator writes."""
+    assert apply(installed, namespace, GOOD).returncode == 0
+    for status in derived_statuses():
+        stored = json.loads(kubectl(installed, "get", "ftj", "bert-mrpc", "-n", namespace, "-o", "json").stdout)
+        stored["status"] = status
+        kubectl(installed, "replace", "--subresource=status", "-n", namespace, "-f", "-", stdin=json.dumps(stored))
+        got = json.loads(kubectl(installed, "get", "ftj", "bert-mrpc", "-n", namespace, "-o", "json").stdout)
+        assert got["status"] == without_nulls(status)

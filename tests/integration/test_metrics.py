@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_job.pushgateway import BY_NAME, METRICS, delete_group
+from kubetune_api.metrics import BY_NAME, CATALOG
+from kubetune_job.pushgateway import delete_group
 from tests.blackhole import blackhole as gateway_blackhole
 from tests.models import build_tiny_bert, write_pairs
 from tests.testbed import binaries
@@ -103,13 +104,13 @@ def trained(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, pus
 def test_training_job_pushes_every_metric_to_its_group(trained: Any, pushgateway: Any) -> None:
     """The group holds every catalog metric a CPU run has (all but GPU ones), and the gateway's push time."""
     names = {ln.split("{")[0] for ln in group_lines(pushgateway.metrics_text(), trained.name)}
-    expected = {m.name for m in METRICS if not m.gpu} | {"push_time_seconds"}
+    expected = {m.name for m in CATALOG if not m.gpu} | {"push_time_seconds"}
     assert expected <= names, sorted(expected - names)
 
 
 def test_pushed_series_carry_only_the_grouping_key(trained: Any, pushgateway: Any) -> None:
     """Series are labelled job, namespace and finetunejob (plus catalog labels): no pod, no attempt."""
-    allowed = {"job", "namespace", "finetunejob", "instance"} | {label for m in METRICS for label in m.labels}
+    allowed = {"job", "namespace", "finetunejob", "instance"} | {label for m in CATALOG for label in m.labels}
     lines = group_lines(pushgateway.metrics_text(), trained.name)
     labels = {label for ln in lines for label in re.findall(r'[{,](\w+)="', ln)}
     assert labels <= allowed and 'namespace="metrics"' in lines[0] and 'job="kubetune"' in lines[0]
@@ -260,9 +261,9 @@ def blackhole() -> Iterator[str]:
 def test_blackholed_gateway_neither_fails_nor_stops_training(tiny: dict[str, Path], tmp_path: Path,
                                                              blackhole: str) -> None:  # fmt: skip
     """Training against a gateway that never answers succeeds, and the summary counts the failed pushes."""
+    from kubetune_api.settings import JobSettings
+    from kubetune_api.spec import parse_manifest
     from kubetune_job.orchestrate import execute
-    from kubetune_job.settings import JobSettings
-    from kubetune_job.spec import parse_manifest
 
     job = parse_manifest(manifest(tiny, tmp_path, "blackholed", maxSteps=30), "test")
     settings = JobSettings(

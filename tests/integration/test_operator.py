@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_job.spec import parse_manifest
+from kubetune_api.spec import parse_manifest
 from kubetune_operator.manifests import Owner, children
 from kubetune_operator.settings import OperatorSettings
 from tests.integration.conftest import Operator, committed, ftj, pods, status, wait_phase

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from kubetune_api import spec as api
 from kubetune_cli.commands import main
-from kubetune_job import spec as api
 from kubetune_operator.crd import crd, structural
 from tests.unit.test_spec import GOOD
 

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
+from kubetune_api.exit_codes import ExitCode
+from kubetune_api.settings import JobSettings
+from kubetune_api.spec import FineTuneJobSpec, parse_manifest
 from kubetune_job import launch
 from kubetune_job.arguments import arguments, check_extra, global_batch, pad_multiple
-from kubetune_job.errors import ConfigError, ExitCode
-from kubetune_job.settings import JobSettings
-from kubetune_job.spec import FineTuneJobSpec, parse_manifest
+from kubetune_job.errors import ConfigError
 from tests.unit.test_spec import GOOD
 
 
@@ -109,7 +110,7 @@ def test_global_batch_is_per_device_batch_times_processes_times_accumulation() -
 
 def test_attention_defaults_to_sdpa_and_rejects_unknown_kernels() -> None:
     """attention is sdpa unless set to eager; anything else is a spec error."""
-    from kubetune_job.spec import SpecError
+    from kubetune_api.spec import SpecError
 
     assert spec().hyperparameters.attention == "sdpa"
     with pytest.raises(SpecError):

@@ -27,7 +27,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from kubetune_job.spec import FineTuneJobSpec, parse_manifest
+from kubetune_api.spec import FineTuneJobSpec, parse_manifest
 from kubetune_operator.manifests import SCRATCH, Owner, environment, pod_template
 from kubetune_operator.settings import OperatorSettings
 from tests.unit.test_spec import GOOD
@@ -184,7 +184,7 @@ def importable_in(extra: str) -> list[str]:
     modules = {
         m for m, owners in metadata.packages_distributions().items() if dists & set(map(canonicalize_name, owners))
     }
-    return sorted(modules | {"kubetune_job", "kubetune_operator"})
+    return sorted(modules | {"kubetune_api", "kubetune_job", "kubetune_operator"})
 
 
 # Imports every module of a package in a fresh interpreter where a module installed in site-packages
@@ -394,6 +394,7 @@ def test_build_context_keeps_what_the_dockerfile_copies(stages: dict[str, Stage]
     for source in sources:
         assert not dockerignored(source, patterns), source
     for path in [
+        *(ROOT / "api" / "kubetune_api").rglob("*.py"),
         *(ROOT / "job" / "kubetune_job").rglob("*.py"),
         *(ROOT / "operator" / "kubetune_operator").rglob("*.py"),
     ]:

@@ -7,12 +7,13 @@ from pathlib import Path
 import datasets
 import pytest
 
+from kubetune_api.exit_codes import PERMANENT_EXIT_CODES, ExitCode
+from kubetune_api.settings import JobSettings
+from kubetune_api.spec import DatasetSource, parse_manifest
 from kubetune_job.arguments import check_extra, training_arguments
 from kubetune_job.data import check_columns, label_names, load_local
-from kubetune_job.errors import PERMANENT_EXIT_CODES, ConfigError, DataError, ExitCode, ModelError
+from kubetune_job.errors import ConfigError, DataError, ModelError
 from kubetune_job.orchestrate import execute, model_source
-from kubetune_job.settings import JobSettings
-from kubetune_job.spec import DatasetSource, parse_manifest
 from tests.unit.test_spec import GOOD
 
 SOURCE = DatasetSource(uri="/data", text_fields=["sentence1", "sentence2"], label_field="label")

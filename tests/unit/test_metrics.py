@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_job.pushgateway import BY_NAME, GATEWAY_METRICS, METRICS, delete_group, group_url
+from kubetune_api.metrics import BY_NAME, CATALOG, GATEWAY_METRICS
+from kubetune_job.pushgateway import delete_group, group_url
 from tests.blackhole import blackhole as gateway_blackhole
 
 ROOT = Path(__file__).parents[2]
@@ -140,19 +141,19 @@ def test_pushgateway_module_imports_nothing_heavy() -> None:
 
 def test_catalog_names_follow_prometheus_conventions() -> None:
     """Names are kubetune_ snake case; counters end in _total and only they do; units are base units."""
-    for m in METRICS:
+    for m in CATALOG:
         assert re.fullmatch(r"kubetune_[a-z0-9_]+", m.name), m.name
         assert m.name.endswith("_total") == (m.kind == "counter"), m.name
         assert not re.search(r"_(ms|milliseconds|minutes|hours|kb|mb|gb|percent)(_|$)", m.name), m.name
         assert m.help and m.help.endswith("."), m.name
-    assert len(BY_NAME) == len(METRICS)
+    assert len(BY_NAME) == len(CATALOG)
 
 
 def test_docs_table_lists_exactly_the_catalog() -> None:
     """docs/metrics.md has one table row per catalog metric, with its type and labels."""
     rows = re.findall(r"^\| `(kubetune_\w+)` \| (\w+) \|([^|]*)\|", (ROOT / "docs" / "metrics.md").read_text(), re.M)
     documented = {name: (kind, tuple(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
-    assert documented == {m.name: (m.kind, m.labels) for m in METRICS}
+    assert documented == {m.name: (m.kind, m.labels) for m in CATALOG}
 
 
 # Pushing, against real local servers.
@@ -273,8 +274,8 @@ def test_unknown_metric_name_is_rejected() -> None:
 
 def test_no_gateway_means_no_metrics(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Without pushgateway_url the job starts no metrics (local runs without --pushgateway push nothing)."""
+    from kubetune_api.settings import JobSettings
     from kubetune_job.prometheus import start
-    from kubetune_job.settings import JobSettings
 
     monkeypatch.delenv("KUBETUNE_PUSHGATEWAY_URL", raising=False)
     assert start(JobSettings(work_dir=tmp_path)) is None
@@ -282,8 +283,8 @@ def test_no_gateway_means_no_metrics(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 def test_only_the_main_process_pushes(monkeypatch: pytest.MonkeyPatch, gateway: Recorder) -> None:
     """A torchrun worker other than rank 0 starts no metrics."""
+    from kubetune_api.settings import JobSettings
     from kubetune_job.prometheus import start
-    from kubetune_job.settings import JobSettings
 
     monkeypatch.setenv("RANK", "1")
     assert start(JobSettings(pushgateway_url=gateway.url)) is None
@@ -291,7 +292,7 @@ def test_only_the_main_process_pushes(monkeypatch: pytest.MonkeyPatch, gateway: 
 
 def test_push_interval_and_timeout_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """KUBETUNE_PUSH_INTERVAL_SECONDS and KUBETUNE_PUSH_TIMEOUT_SECONDS configure pushing."""
-    from kubetune_job.settings import JobSettings
+    from kubetune_api.settings import JobSettings
 
     monkeypatch.setenv("KUBETUNE_PUSH_INTERVAL_SECONDS", "5")
     monkeypatch.setenv("KUBETUNE_PUSH_TIMEOUT_SECONDS", "1.5")
@@ -523,7 +524,7 @@ def test_dashboard_queries_use_only_pushed_metrics(path: Path) -> None:
 def test_job_dashboard_shows_every_metric() -> None:
     """Each catalog metric appears in some panel of the Fine-tuning job dashboard."""
     text = " ".join(exprs(load(ROOT / "charts/kubetune/dashboards/kubetune-job.json")))
-    assert [m.name for m in METRICS if not re.search(rf"\b{m.name}\b", text)] == []
+    assert [m.name for m in CATALOG if not re.search(rf"\b{m.name}\b", text)] == []
 
 
 def test_job_dashboard_selects_one_job_in_every_query() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_job.spec import parse_manifest
+from kubetune_api.spec import parse_manifest
 from kubetune_operator.crd import crd, spec_schema
 from kubetune_operator.manifests import InvalidSpec, Owner, children, desired_suspend
 from kubetune_operator.settings import OperatorSettings

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_job import spec as api
-from kubetune_job.spec import SpecError, load_manifest, parse_manifest
+from kubetune_api import spec as api
+from kubetune_api.spec import SpecError, load_manifest, parse_manifest
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_job.summary import LIMIT, Lineage, encode, per_second, resumed_lineage, run_loss
+from kubetune_api.summary import LIMIT
+from kubetune_job.summary import Lineage, encode, per_second, resumed_lineage, run_loss
 
 
 def test_long_failure_message_is_cut_to_fit() -> None:

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from kubetune_job import spec as spec_module
+from kubetune_api import spec as spec_module
+from kubetune_api.spec import parse_manifest
 from kubetune_job.arguments import arguments, check_extra, resolve_precision
 from kubetune_job.callbacks import LogAtSaves, RunAccount
 from kubetune_job.errors import ConfigError
-from kubetune_job.spec import parse_manifest
 from kubetune_job.summary import Lineage, camel_metrics, scores
-from kubetune_job.tasks import TASKS
+from kubetune_job.tasks import IMPLEMENTATIONS
 from tests.unit.test_spec import GOOD
 
 
@@ -58,14 +58,14 @@ def test_metric_names_use_the_api_spelling() -> None:
 
 def test_task_registry_matches_the_api() -> None:
     """Every task the API accepts has an implementation, and no other."""
-    assert set(TASKS) == set(spec_module.TASKS)
+    assert set(IMPLEMENTATIONS) == set(spec_module.TASKS)
 
 
 def test_every_metric_the_api_accepts_is_shipped() -> None:
     """Each metric name has a module beside the job."""
     from kubetune_job.metric_modules import module_path
 
-    for name in spec_module.METRICS:
+    for name in spec_module.EVAL_METRICS:
         assert (module_path(name) / f"{name}.py").is_file()
 
 

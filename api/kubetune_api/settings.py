@@ -1,8 +1,11 @@
-"""The job's settings: everything it reads from its environment (KUBETUNE_*), nothing from the API."""
+"""The job's settings: everything it reads from its environment (KUBETUNE_*), nothing from the API, and
+the one rendering of them into a pod's environment (the operator's Job manifest uses it)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,3 +51,50 @@ class JobSettings(BaseSettings):
     node_rank: int = Field(0, ge=0, description="This pod's index among the nodes: its Indexed Job completion index.")
     master_addr: str | None = Field(None, description="Host of node 0, where torchrun's rendezvous runs (multi-node).")
     master_port: int = Field(29500, ge=1, le=65535, description="Port of the rendezvous on master_addr (multi-node).")
+
+
+#: Settings a pod always states, at their defaults, so that the pod spec itself says where the job
+#: writes (its scratch space and its termination message).
+STATED = ("work_dir", "summary_path")
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a JobSettings field."""
+    if field not in JobSettings.model_fields:
+        raise KeyError(f"JobSettings has no field {field!r}")
+    return f"{JobSettings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def pod_env(values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The env entries of a pod whose job runs with `values` (JobSettings field -> value), in the
+    model's field order. A value is a plain value or an EnvVarSource dict ({"fieldRef": ...}), which the
+    kubelet resolves in the pod; None leaves the field to its default. STATED fields appear at their
+    defaults unless given."""
+    unknown = set(values) - set(JobSettings.model_fields)
+    if unknown:
+        raise KeyError(f"not JobSettings fields: {sorted(unknown)}")
+    env: list[dict[str, Any]] = []
+    for field, info in JobSettings.model_fields.items():
+        value = values.get(field, info.default if field in STATED else None)
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            env.append({"name": env_name(field), "valueFrom": dict(value)})
+        else:
+            env.append({"name": env_name(field), "value": str(value)})
+    return env
+
+
+# Default locations. A FineTuneJob whose spec names no checkpoints.uri (or output.uri) gets one under the
+# operator's root for it, per namespace and name; without such a root, or run by `kubetune run`, its
+# checkpoints stay under a local directory, which does not outlive the machine.
+
+
+def run_location(root: str, *, namespace: str, name: str) -> str:
+    """The default location of a FineTuneJob's checkpoints or model under an operator root (a folder URI)."""
+    return f"{root.rstrip('/')}/{namespace}/{name}/"
+
+
+def local_checkpoints(base: Path) -> str:
+    """The default checkpoint location under a local directory (the job's work_dir, a `kubetune run` run)."""
+    return str(base / "checkpoints")

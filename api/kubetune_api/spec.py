@@ -33,7 +33,7 @@ KIND = "FineTuneJob"
 #: Tasks the job knows; each name has an implementation in kubetune_job.tasks.
 TASKS = ("text-classification",)
 #: Metric modules shipped with the job (kubetune_job/metric_modules/<name>/<name>.py).
-METRICS = ("accuracy", "f1", "precision", "recall", "matthews_correlation")
+EVAL_METRICS = ("accuracy", "f1", "precision", "recall", "matthews_correlation")
 #: URI schemes the job can read and write; a plain path is a local path.
 URI_SCHEMES = ("s3://", "file://")
 
@@ -612,9 +612,9 @@ class FineTuneJobSpec(Model):
     task: Literal[TASKS] = Field("text-classification", description="What the model learns to do.")  # type: ignore[valid-type]
     dataset: DatasetSource = Field(description="The training and evaluation data.")
     hyperparameters: Hyperparameters = Field(Hyperparameters(), description="Training arguments.")
-    metrics: list[Literal[METRICS]] = Field(  # type: ignore[valid-type]
+    metrics: list[Literal[EVAL_METRICS]] = Field(  # type: ignore[valid-type]
         ["accuracy", "f1"],
-        max_length=len(METRICS),
+        max_length=len(EVAL_METRICS),
         description="Evaluation metrics; the first one is shown first.",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
