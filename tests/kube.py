@@ -46,6 +46,15 @@ def wait_for(what: str, probe: Callable[[], T | None], *, timeout: float = 120.0
     return eventually(probe, timeout=timeout, interval=every, what=what)
 
 
+def bare_finetunejob(name: str, *, suspend: bool = False) -> dict[str, Any]:
+    """A FineTuneJob for the operator's own tests and benchmarks: its model and data do not exist, so it
+    trains nothing; suspended, its Job gets no pod and its status says Suspended (no kubelet needed)."""
+    spec: dict[str, Any] = {"model": {"uri": "/nonexistent/model"}, "dataset": {"uri": "/nonexistent/data"}}
+    if suspend:
+        spec["runPolicy"] = {"suspend": True}
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
 def install_crd(plane: Any) -> None:
     """Apply the CRD and wait until it is Established (read from its status: `kubectl wait` right after a
     create may find nothing yet)."""

@@ -33,22 +33,9 @@ sys.path[:0] = [str(ROOT)]
 from kubetune_api.spec import parse_manifest  # noqa: E402
 from kubetune_operator.manifests import Owner, children  # noqa: E402
 from kubetune_operator.settings import OperatorSettings  # noqa: E402
-from tests.kube import JOB_IMAGE, install_crd, operator_process  # noqa: E402
+from tests.kube import JOB_IMAGE, bare_finetunejob, install_crd, operator_process  # noqa: E402
 from tests.testbed.cluster import ControlPlane  # noqa: E402
 from tests.testbed.kubelet import NodeSpec, TestKubelet  # noqa: E402
-
-
-def manifest(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "/nonexistent/model"},
-            "dataset": {"uri": "/nonexistent/data"},
-            "resources": {"gpus": 1},
-        },
-    }
 
 
 class Watcher(threading.Thread):
@@ -128,11 +115,13 @@ def latency(plane: ControlPlane, work: Path, samples: int) -> float:
         for i in range(samples + 1):
             name = f"ftj-{i}"
             t0 = time.monotonic()
-            body = custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs", manifest(name))
+            body = custom.create_namespaced_custom_object(
+                "kubetune.io", "v1alpha1", ns, "finetunejobs", bare_finetunejob(name)
+            )
             wait(f"{name} Running", lambda n=name: n in seen.running and phase(n) == "Running", 120)
             # The same Job, created directly (as kubectl create does).
             owner = Owner(f"direct-{i}", ns, body["metadata"]["uid"])
-            spec = parse_manifest(manifest(owner.name)).spec
+            spec = parse_manifest(bare_finetunejob(owner.name)).spec
             job = children(owner, spec, OperatorSettings(job_image=JOB_IMAGE))[0]
             del job["metadata"]["ownerReferences"]
             d0 = time.monotonic()
@@ -163,12 +152,12 @@ def burst(plane: ControlPlane, work: Path, count: int) -> tuple[float, float]:
     ns = namespace(api, "burst")
     jobs = Watcher(api, ns)
     jobs.start()
-    suspended = {**manifest("x")["spec"], "runPolicy": {"suspend": True}}
+    suspended = bare_finetunejob("x", suspend=True)["spec"]
     with ThreadPoolExecutor(8) as pool:
         list(
             pool.map(
                 lambda i: custom.create_namespaced_custom_object(
-                    "kubetune.io", "v1alpha1", ns, "finetunejobs", {**manifest(f"b-{i}"), "spec": suspended}
+                    "kubetune.io", "v1alpha1", ns, "finetunejobs", {**bare_finetunejob(f"b-{i}"), "spec": suspended}
                 ),
                 range(count),
             )

@@ -56,8 +56,8 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).parents[2]
 sys.path[:0] = [str(ROOT)]
 
-from tests.bench.operator_latency import manifest, namespace, peak_rss_mb  # noqa: E402
-from tests.kube import install_crd, operator_account, operator_process  # noqa: E402
+from tests.bench.operator_latency import namespace, peak_rss_mb  # noqa: E402
+from tests.kube import bare_finetunejob, install_crd, operator_account, operator_process  # noqa: E402
 from tests.testbed.cluster import ControlPlane  # noqa: E402
 
 FTJ = ("kubetune.io", "v1alpha1")
@@ -109,12 +109,6 @@ class Result:
     def status_rate(self) -> float:
         """FineTuneJobs whose status was written, per second, from the first create to the last status."""
         return self.statuses / self.all_statuses_s if self.all_statuses_s else 0.0
-
-
-def suspended_manifest(name: str) -> dict[str, Any]:
-    body = manifest(name)
-    body["spec"]["runPolicy"] = {"suspend": True}
-    return body
 
 
 def names(size: int, namespaces: list[str]) -> list[tuple[str, str]]:
@@ -192,7 +186,7 @@ def create_all(plane: ControlPlane, targets: list[tuple[str, str]], *, creators:
             local.custom = k8s.CustomObjectsApi(plane.api_client())
         for attempt in range(20):
             try:
-                local.custom.create_namespaced_custom_object(*FTJ, ns, PLURAL, suspended_manifest(name))
+                local.custom.create_namespaced_custom_object(*FTJ, ns, PLURAL, bare_finetunejob(name, suspend=True))
                 return
             except k8s.ApiException as e:
                 if e.status == 409 and attempt:  # an earlier try went through after all

@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 from kubetune_operator.rbac import RULES, lease_rules
-from tests.kube import apply, get, install_crd, kubectl, operator_account, operator_process, wait_for
+from tests.kube import (
+    apply,
+    bare_finetunejob,
+    get,
+    install_crd,
+    kubectl,
+    operator_account,
+    operator_process,
+    wait_for,
+)
 from tests.testbed.cluster import Credentials, write_kubeconfig
 
 pytestmark = pytest.mark.integration
@@ -25,22 +34,8 @@ TAKEOVER_SLACK = 10.0  # seconds on top of duration + renew: process start-up, a
 FIRST_STATUS_BOUND = 20.0  # seconds: kopf retrying its forbidden namespace listing took about 55
 
 
-def suspended(name: str) -> dict[str, Any]:
-    """A FineTuneJob that needs no kubelet: its Job stays suspended, its status says Suspended."""
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "/nonexistent/model"},
-            "dataset": {"uri": "/nonexistent/data"},
-            "runPolicy": {"suspend": True},
-        },
-    }
-
-
 def create(plane: Any, namespace: str, *names: str) -> None:
-    done = apply(plane, *(suspended(n) for n in names), namespace=namespace)
+    done = apply(plane, *(bare_finetunejob(n, suspend=True) for n in names), namespace=namespace)
     assert done.returncode == 0, done.stderr
 
 
