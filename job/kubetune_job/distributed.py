@@ -37,9 +37,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    """This process's rank on its node: the GPU it trains on (0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_local_main() -> bool:
     """The first process of this node (pod): the one that downloads into the shared work directory."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    return local_rank() == 0
 
 
 def _grouped() -> bool:

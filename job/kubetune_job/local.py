@@ -120,7 +120,10 @@ def table(summary: dict[str, Any]) -> str:
         if summary.get("resumedFromStep"):
             rows.append(("resumed from", f"step {summary['resumedFromStep']} (attempt {summary.get('attempt', '?')})"))
         rows += [(k, f"{v:.4f}") for k, v in summary.get("metrics", {}).items()]
-        rows += [("samples/s", f"{summary['trainSamplesPerSecond']:.1f}"), ("model", summary["outputUri"])]
+        rows.append(("samples/s", f"{summary['trainSamplesPerSecond']:.1f}"))
+        if summary.get("trainTokensPerSecond"):
+            rows.append(("tokens/s", f"{summary['trainTokensPerSecond']:.1f}"))
+        rows.append(("model", summary["outputUri"]))
         rows += [("warning", w) for w in summary.get("warnings") or []]
     if summary.get("metricsPushFailures"):
         rows.append(("metrics", f"{summary['metricsPushFailures']} pushes to the Pushgateway failed"))

@@ -46,7 +46,7 @@ def model_source(
         target = work_dir / "model"
         if download:
             download_prefix(open_storage(m.uri, options, field="spec.model.uri"), "", target)
-        if not any(target.iterdir()):
+        if not target.is_dir() or not any(target.iterdir()):
             raise ModelError("spec.model.uri", f"no files under {m.uri}")
         return str(target), "spec.model.uri", hub
     path = local_path(m.uri)
@@ -89,7 +89,7 @@ def storage_options(spec: FineTuneJobSpec, settings: JobSettings) -> StorageOpti
 
 
 def progress(
-    trainer: Any, account: RunAccount, commit: CommitCheckpoints, resumed: int | None, warnings: list[str]
+    trainer: Any, account: RunAccount, commit: CommitCheckpoints, resumed: int | None, warnings: Sequence[str]
 ) -> dict[str, Any]:
     """Where training stands, for the summary of a finished or a preempted run (Summary fields)."""
     return {
@@ -103,8 +103,14 @@ def progress(
         "last_checkpoint_step": commit.last_committed or resumed,
         "checkpoint_wait_seconds": round(commit.upload_wait_seconds, 3),
         "checkpoint_upload_seconds": round(commit.upload_seconds, 3),
-        "warnings": warnings,
+        "warnings": list(warnings),
     }
+
+
+def requested(evaluation: dict[str, float], metrics: Sequence[str]) -> dict[str, float]:
+    """The evaluation's loss and the requested metrics (a Trainer may log more: TRL's token accuracy...)."""
+    keep = {"eval_loss", *(f"eval_{m}" for m in metrics)}
+    return {k: v for k, v in evaluation.items() if k in keep}
 
 
 def run(
@@ -123,14 +129,14 @@ def run(
     console_logs=False drops the Trainer's printed log dicts (a terminal shows its own progress).
     job_metrics, when given, is fed by a callback (execute() starts it and pushes the outcome).
     """
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, set_seed
+    from transformers import PrinterCallback, set_seed
 
-    from .arguments import global_batch, metric_function, pad_multiple, training_arguments
+    from .arguments import global_batch, training_arguments
     from .callbacks import CommitCheckpoints, LogAtSaves, RunAccount
     from .distributed import SaveBarrier, from_main, is_local_main, is_main, local_main_first
     from .output import model_card, save
     from .preemption import Preemption
-    from .tasks import IMPLEMENTATIONS
+    from .tasks import IMPLEMENTATIONS, precision_of
 
     work = settings.work_dir
     staging = work / "trainer"
@@ -153,11 +159,11 @@ def run(
     hp = spec.hyperparameters
     with local_main_first():  # one download and one tokenization per pod, however many processes
         source, field, hub = model_source(spec, work, download=is_local_main(), options=opts)
-        tokenizer = task.load_tokenizer(source, field, **hub)
+        tokenizer = task.load_tokenizer(source, field, spec, **hub)
         splits = dataset_splits(spec, work, download=is_local_main(), options=opts)
-        data, labels = task.prepare(splits, tokenizer, spec.dataset, work / "cache")
-    set_seed(hp.seed)  # a new classification head is initialised at load: part of what the seed fixes
-    model = task.load_model(source, labels, field, attention=hp.attention, **hub)
+        prepared = task.prepare(splits, tokenizer, spec, work / "cache")
+    set_seed(hp.seed)  # a new classification head or adapter is initialised at load: part of what the seed fixes
+    model = task.load_model(source, prepared, field, spec=spec, precision=precision_of(args), **hub)
     log.info(
         "global batch %d: batchSize %d x %d processes x %d accumulation steps",
         global_batch(hp, processes=args.world_size), hp.batch_size, args.world_size, hp.gradient_accumulation_steps,
@@ -171,40 +177,40 @@ def run(
         log.info("resuming from checkpoint-%d of %s", resumed, checkpoints_uri)
     account = RunAccount()
     commit = CommitCheckpoints(store, spool=work / "uploading", deadline=preemption.deadline)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data["eval"] if has_eval else None,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(
-            tokenizer, pad_to_multiple_of=pad_multiple(hp, cuda=args.device.type == "cuda")
-        ),
-        compute_metrics=metric_function(list(spec.metrics), len(labels), task.predictions) if has_eval else None,
-        callbacks=[
-            SaveBarrier(),
-            commit,
-            account,
-            preemption,
-            *([job_metrics.callback(commit)] if job_metrics else []),
-            *callbacks,
-            LogAtSaves(),  # last: it sees every save the others ask for
-        ],
-    )
+    with local_main_first():  # TRL tokenizes in the Trainer: once per pod, the others read the cache
+        trainer = task.trainer(
+            model=model,
+            args=args,
+            prepared=prepared,
+            tokenizer=tokenizer,
+            spec=spec,
+            callbacks=[
+                SaveBarrier(),
+                commit,
+                account,
+                preemption,
+                *([job_metrics.callback(commit)] if job_metrics else []),
+                *callbacks,
+                LogAtSaves(),  # last: it sees every save the others ask for
+            ],
+        )
+    warnings = store.warnings  # the checkpoint store's, as they happen, after the data's
+    warnings[:0] = prepared.warnings
     if not console_logs:
         trainer.remove_callback(PrinterCallback)
     try:
         with preemption.deferred():  # SIGTERM: save, commit, stop (the last upload is waited for at train end)
             result = trainer.train(resume_from_checkpoint=str(staging / checkpoint_dir(resumed)) if resumed else None)
     except Preempted as e:
-        e.details = progress(trainer, account, commit, resumed, store.warnings)
+        e.details = progress(trainer, account, commit, resumed, warnings)
         raise
     if preemption.requested:
         stopped = Preempted(None, f"stopped by SIGTERM; checkpoint-{commit.last_committed} committed")
-        stopped.details = progress(trainer, account, commit, resumed, store.warnings)
+        stopped.details = progress(trainer, account, commit, resumed, warnings)
         raise stopped
     step = trainer.state.global_step
     evaluation = (last_eval(trainer.state.log_history, step) or trainer.evaluate()) if has_eval else {}
+    evaluation = requested(evaluation, spec.eval_metrics)
     lineage = account.lineage
     loss = run_loss(
         trainer.state.log_history, start_steps=lineage.start_steps, final_step=step, attempt_loss=result.training_loss
@@ -212,20 +218,29 @@ def run(
     metrics = camel_metrics(scores({"train_loss": loss, **evaluation}))
     seconds = float(result.metrics.get("train_runtime", 0.0))  # this attempt's, as the Trainer measured it
 
+    tokens = trainer.state.num_input_tokens_seen  # restored with the checkpoint: the whole run's
     summary = Summary(
         phase="Succeeded",
-        **progress(trainer, account, commit, resumed, store.warnings),
+        **progress(trainer, account, commit, resumed, warnings),
         metrics=metrics,
         # Over the whole run: every attempt's samples and training time up to the checkpoint it ended with
         train_samples_per_second=per_second(lineage.samples + account.run_samples, lineage.seconds + seconds),
+        train_tokens_per_second=per_second(tokens, lineage.seconds + seconds) if tokens else None,
         train_seconds=round(lineage.seconds + seconds, 3),
         train_seconds_this_run=round(seconds, 3),
         output_uri=output_uri,
-        labels=labels,
+        labels=prepared.labels or None,
     )
     if trainer.is_world_process_zero():
-        card = model_card(name=settings.name, spec=spec, labels=labels, metrics=metrics, steps=step)
-        save(trainer, tokenizer, output, card=card, metrics={**summary.wire(), "warnings": None})
+        card = model_card(name=settings.name, spec=spec, details=task.card(spec, prepared), metrics=metrics, steps=step)
+        save(
+            trainer,
+            tokenizer,
+            output,
+            card=card,
+            metrics={**summary.wire(), "warnings": None},
+            extra=lambda out: task.save_extra(trainer, tokenizer, out, spec=spec, source=source, **hub),
+        )
     return summary
 
 

@@ -1,9 +1,11 @@
-"""The final artefacts: model, tokenizer, label mapping, metrics.json and a model card."""
+"""The final artefacts: model (or adapter), tokenizer, label mapping, metrics.json, a model card and what
+the task adds (a text-generation model's generation config, the merged model)."""
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,9 @@ tags: [kubetune, {task}]
 
 Fine-tuned by kubetune from `{base}` for {task} on `{dataset}`.
 
-## Labels
-
-{labels}
+| | |
+|---|---|
+{details}
 
 ## Results
 
@@ -40,7 +42,9 @@ Fine-tuned by kubetune from `{base}` for {task} on `{dataset}`.
 """
 
 
-def model_card(*, name: str, spec: FineTuneJobSpec, labels: list[str], metrics: dict[str, float], steps: int) -> str:
+def model_card(
+    *, name: str, spec: FineTuneJobSpec, details: dict[str, str], metrics: dict[str, float], steps: int
+) -> str:
     """A short Hugging Face model card (README.md) with the results and settings of the run."""
     hp = spec.hyperparameters
     ds = spec.dataset
@@ -53,25 +57,37 @@ def model_card(*, name: str, spec: FineTuneJobSpec, labels: list[str], metrics: 
         "gradient accumulation": hp.gradient_accumulation_steps,
         "precision": hp.precision,
         "seed": hp.seed,
-        "max length": ds.max_length,
+        "max length": spec.max_length,
     }
     return CARD.format(
         name=name,
         base=spec.model.id or spec.model.uri,
         task=spec.task,
         dataset=dataset,
-        labels=", ".join(f"{i}: `{n}`" for i, n in enumerate(labels)),
+        details="\n".join(f"| {k} | {v} |" for k, v in details.items()),
         results="\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (no evaluation) | |",
         settings="\n".join(f"| {k} | {v} |" for k, v in settings.items()),
     )
 
 
-def save(trainer: Any, tokenizer: Any, storage: Storage, *, card: str, metrics: dict[str, Any]) -> None:
-    """Write everything to a scratch directory, upload it, and check every file arrived whole."""
+def save(
+    trainer: Any,
+    tokenizer: Any,
+    storage: Storage,
+    *,
+    card: str,
+    metrics: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
+) -> None:
+    """Write everything to a scratch directory, upload it, and check every file arrived whole.
+
+    extra: writes the task's own files into the directory, after the model and the tokenizer."""
     with tempfile.TemporaryDirectory(prefix="kubetune-output-") as tmp:
         out = Path(tmp)
         trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
+        if extra is not None:
+            extra(out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (out / "README.md").write_text(card)
         sent = upload_dir(storage, out, "")

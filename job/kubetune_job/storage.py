@@ -14,6 +14,7 @@ or StorageUnavailable (network, timeouts, 5xx after the retries ran out: the pod
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -487,8 +488,29 @@ def upload_dir(
     return sorted(done)
 
 
+#: Written into a download's directory once every file arrived whole: the listing it was made from.
+DOWNLOADED = ".kubetune-download.json"
+
+
 def download_prefix(storage: Storage, prefix: str, directory: Path) -> None:
-    """Download every object under prefix into directory, keeping relative paths."""
+    """Download every object under prefix into directory, keeping relative paths, and check each file's size
+    against the listing. A directory that already holds a whole download of the same listing is kept: a
+    base model is fetched once per pod, however many processes and restarts."""
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    for obj in storage.list(prefix):
-        storage.download_file(obj.key, directory / obj.key[len(prefix) :])
+    listing = sorted((obj.key[len(prefix) :], obj.size) for obj in storage.list(prefix))
+    marker = directory / DOWNLOADED
+    try:
+        if json.loads(marker.read_text()) == [list(entry) for entry in listing]:
+            log.info("%s already holds %s", directory, storage.uri)
+            return
+    except (OSError, ValueError):
+        pass
+    for relative, size in listing:
+        local = directory / relative
+        storage.download_file(prefix + relative, local)
+        if local.stat().st_size != size:
+            raise StorageUnavailable(
+                None, f"{join(storage.uri, prefix + relative)} arrived with {local.stat().st_size} of {size} bytes"
+            )
+    if listing:
+        marker.write_text(json.dumps(listing))

@@ -503,7 +503,7 @@ def refresh(
         status = derive(
             job=job,
             pods=pods,
-            metrics=list(spec.metrics),
+            metrics=spec.eval_metrics,
             generation=ftj["metadata"].get("generation", 1),
             previous=previous,
             now=now(),

@@ -26,6 +26,7 @@ PROGRESS = {
     "kubetune_train_total_steps": "totalSteps",
     "kubetune_train_epoch": "epoch",
     "kubetune_train_samples_per_second": "samplesPerSecond",
+    "kubetune_train_tokens_per_second": "tokensPerSecond",
     "kubetune_train_eta_seconds": "etaSeconds",
 }
 

@@ -361,6 +361,8 @@ def from_summary(summary: Summary, metrics: list[str], phase: str) -> dict[str, 
         }
         if summary.train_samples_per_second:
             out["progress"]["samplesPerSecond"] = summary.train_samples_per_second
+        if summary.train_tokens_per_second:
+            out["progress"]["tokensPerSecond"] = summary.train_tokens_per_second
     if summary.phase == "Failed" and phase == "Failed":
         field = f" ({summary.field})" if summary.field else ""
         out["message"] = f"{summary.reason or 'Error'}{field}: {summary.message or ''}"

@@ -86,13 +86,14 @@ def test_api_documents_every_field(api: str) -> None:
 def test_api_shows_defaults(api: str) -> None:
     """A field's default appears as it would be written in a manifest."""
     assert row(api, "spec.model", "revision")[2] == "`main`"
-    assert row(api, "spec", "metrics")[2] == '`["accuracy", "f1"]`'
+    assert row(api, "spec", "metrics")[2] == "`[]`"
+    assert row(api, "spec.adapter", "targetModules")[2] == '`["all-linear"]`'
     assert row(api, "spec", "image")[2] == '`""`'
 
 
 def test_api_shows_ranges_and_exclusive_bounds(api: str) -> None:
     """Minimum and maximum read as comparisons, exclusive bounds as strict ones."""
-    assert row(api, "spec.dataset", "maxLength")[3] == ">= 8, <= 8192"
+    assert row(api, "spec.dataset", "maxLength")[3] == ">= 8, <= 131072"
     assert row(api, "spec.hyperparameters", "epochs")[3] == "> 0, <= 1000"
     assert row(api, "spec.hyperparameters", "warmupRatio")[3] == ">= 0, < 1"
 

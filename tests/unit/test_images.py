@@ -188,11 +188,17 @@ def importable_in(extra: str) -> list[str]:
 
 
 # Imports every module of a package in a fresh interpreter where a module installed in site-packages
-# but outside `allowed` fails to import, the way it would in the image.
+# but outside `allowed` fails to import, the way it would in the image. Such a module has a spec without a
+# location (torch looks some up by name), whose loading fails.
 IMPORT_ONLY = """
-import importlib, importlib.machinery, json, pkgutil, site, sys
+import importlib, importlib.abc, importlib.machinery, json, pkgutil, site, sys
 allowed = set(json.loads(sys.argv[1])) | sys.stdlib_module_names
 installed = tuple(site.getsitepackages())
+class Missing(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"{spec.name} is not installed in this image", name=spec.name)
+    def exec_module(self, module):
+        pass
 class Image:
     def find_spec(self, name, path=None, target=None):
         if path is not None or name in allowed:
@@ -200,7 +206,7 @@ class Image:
         found = importlib.machinery.PathFinder.find_spec(name)
         where = found and (found.origin or next(iter(found.submodule_search_locations or []), ""))
         if where and where.startswith(installed):
-            raise ModuleNotFoundError(f"{name} is not installed in this image", name=name)
+            return importlib.machinery.ModuleSpec(name, Missing())
 sys.meta_path.insert(0, Image())
 package = importlib.import_module(sys.argv[2])
 for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):

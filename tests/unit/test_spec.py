@@ -48,7 +48,8 @@ def test_minimal_manifest_gets_the_documented_defaults() -> None:
     """A manifest with only model and dataset is valid and gets api.md's defaults."""
     spec = parse_manifest(GOOD).spec
     assert spec.hyperparameters.epochs == 3 and spec.hyperparameters.batch_size == 8
-    assert spec.metrics == ["accuracy", "f1"] and spec.checkpoints.keep == 2 and spec.task == "text-classification"
+    assert spec.metrics == [] and spec.eval_metrics == ["accuracy", "f1"] and spec.task == "text-classification"
+    assert spec.checkpoints.keep == 2 and spec.max_length == 128 and spec.adapter is None
 
 
 def test_every_example_manifest_is_valid() -> None:
@@ -175,7 +176,9 @@ def test_null_is_left_out_except_where_null_means_something() -> None:
     doc["spec"].update(hyperparameters=None, checkpoints={"keep": None}, metrics=None)
     doc["spec"]["dataset"] = {**doc["spec"]["dataset"], "evalSplit": None}
     spec = parse_manifest(doc).spec
-    assert spec.hyperparameters.batch_size == 8 and spec.checkpoints.keep == 2 and spec.metrics == ["accuracy", "f1"]
+    assert (
+        spec.hyperparameters.batch_size == 8 and spec.checkpoints.keep == 2 and spec.eval_metrics == ["accuracy", "f1"]
+    )
     assert spec.dataset.eval_split is None
     (msg,) = problems({"spec.model": None})
     assert msg == "spec.model: required field is missing"
