@@ -27,6 +27,7 @@ def _more() -> list[dict[str, Any]]:
         "kubetune_train_total_steps": 1377,
         "kubetune_train_epoch": 1.33,
         "kubetune_train_samples_per_second": 41.5,
+        "kubetune_train_tokens_per_second": 1328.0,
         "kubetune_train_eta_seconds": 140.4,
         "kubetune_train_loss": 0.33,
         "kubetune_checkpoint_step": 459,

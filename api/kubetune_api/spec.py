@@ -726,6 +726,7 @@ SPEC_RULES: list[JsonDict] = [
     {
         "rule": f"{GENERATION} || (!has(self.adapter) && !has(self.evaluation))",
         "message": "adapter and evaluation are text-generation fields: set task: text-generation or remove them",
+        "fieldPath": ".task",
     },
     {
         "rule": f"{GENERATION} || (!has(self.dataset.format) && !has(self.dataset.chatTemplate) && "

@@ -66,6 +66,8 @@ MANAGED = {
     "completion_only_loss": "dataset.format (the loss counts the completion or the assistant's turns)",
     "assistant_only_loss": "dataset.format (the loss counts the completion or the assistant's turns)",
     "model_init_kwargs": "model",
+    "trust_remote_code": "model.trustRemoteCode",
+    "pad_to_multiple_of": "hyperparameters.padToMultipleOf",
 }
 
 #: Data-loading processes per training process on a GPU: collation and pinning overlap the GPU's work.

@@ -169,6 +169,21 @@ class RunAccount(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": self.lineage.record(seconds=seconds, samples=self.run_samples)}
 
 
+class TrainingDone(Exception):
+    """Raised by StopAtLastStep: the run resumed from a checkpoint of its last step, so no step is left."""
+
+
+class StopAtLastStep(TrainerCallback):
+    """Trains no step past the last. A Trainer resumed from a checkpoint of the run's last step that is not at
+    an epoch's end (maxSteps, or a SIGTERM that came at the last step) starts one more step anyway: its loop
+    checks for the end only after a step. A pod killed while it evaluated or wrote the output would then
+    train a step too many on its restart. This stops the Trainer before that step's forward pass."""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            raise TrainingDone(f"step {state.global_step} of {state.max_steps}")
+
+
 class LogAtSaves(TrainerCallback):
     """Logs the training loss at every checkpoint, so that each one records the loss of every step up to
     it and a resumed run's mean loss covers every step (summary.run_loss). Registered last, to see the

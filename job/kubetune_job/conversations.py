@@ -28,23 +28,35 @@ SHOWN = 3
 def detect_format(columns: Sequence[str], requested: str | None) -> str:
     """The data format: the requested one if its columns are there, else the one the columns show."""
     found = ", ".join(columns) or "none"
+    shown = next((fmt for fmt in DATA_FORMATS if all(c in columns for c in COLUMNS[fmt])), None)
     if requested is not None:
         missing = [c for c in COLUMNS[requested] if c not in columns]
         if missing:
+            hint = f"; these columns hold {shown} data: set format: {shown}, or omit format" if shown else ""
             raise DataError(
                 "spec.dataset.format",
                 f"format {requested} reads the column(s) {', '.join(COLUMNS[requested])}; "
-                f"{', '.join(missing)} not found (columns: {found})",
+                f"{', '.join(missing)} not found (columns: {found}){hint}",
             )
         return requested
-    for fmt in DATA_FORMATS:
-        if all(c in columns for c in COLUMNS[fmt]):
-            return fmt
-    raise DataError(
-        "spec.dataset.format",
-        f"cannot tell the format from the columns ({found}): give a messages column (a list of {{role, content}} "
-        "turns), prompt and completion columns, or a text column",
-    )
+    if shown is None:
+        raise DataError(
+            "spec.dataset.format",
+            f"cannot tell the format from the columns ({found}): give a messages column (a list of {{role, "
+            "content}} turns), prompt and completion columns, or a text column",
+        )
+    return shown
+
+
+def check_eval_columns(columns: Sequence[str], fmt: str, split: str) -> None:
+    """The evaluation split has the columns of the training split's format."""
+    missing = [c for c in COLUMNS[fmt] if c not in columns]
+    if missing:
+        raise DataError(
+            SPLIT_FIELDS["eval"],
+            f"split {split!r} lacks the column(s) {', '.join(missing)} that the training data's format {fmt} reads "
+            f"(columns: {', '.join(columns) or 'none'})",
+        )
 
 
 def turns_problem(turns: Any, *, answered: bool = True, name: str = "messages") -> str | None:
@@ -83,6 +95,7 @@ def pair_problem(prompt: Any, completion: Any) -> str | None:
 
 
 def text_problem(text: Any) -> str | None:
+    """What is wrong with one text record, or None."""
     if not isinstance(text, str) or not text.strip():
         return "text is missing or empty"
     return None
@@ -138,7 +151,7 @@ def earlier_assistant_turns(records: Iterable[Sequence[Mapping[str, Any]]]) -> i
 
 def generation_pairs(records: Iterable[Mapping[str, Any]], fmt: str, limit: int) -> list[tuple[Any, str]]:
     """(prompt, reference answer) for the first `limit` evaluation records: the prompt is text or a list of
-    turns, the reference the last assistant turn's text or the completion's."""
+    turns, the reference the completion's text or the text of its (or the conversation's) last assistant turn."""
     out: list[tuple[Any, str]] = []
     for record in records:
         if len(out) == limit:
@@ -147,7 +160,8 @@ def generation_pairs(records: Iterable[Mapping[str, Any]], fmt: str, limit: int)
             prompt, completion = split_turns(record["messages"])
             out.append((prompt, completion[0]["content"]))
         else:
-            completion = record["completion"]
-            reference = completion if isinstance(completion, str) else completion[-1]["content"]
-            out.append((record["prompt"], reference))
+            answer = record["completion"]
+            if not isinstance(answer, str):  # turns: check_records made sure one is the assistant's
+                answer = next(t["content"] for t in reversed(answer) if t["role"] == "assistant")
+            out.append((record["prompt"], answer))
     return out

@@ -99,7 +99,7 @@ def progress(
         "resumed_from_step": resumed or 0,
         "attempt": account.lineage.attempt,
         "steps_this_run": account.steps,
-        "samples_this_run": account.samples,
+        "samples_this_run": account.run_samples,  # every process's
         "last_checkpoint_step": commit.last_committed or resumed,
         "checkpoint_wait_seconds": round(commit.upload_wait_seconds, 3),
         "checkpoint_upload_seconds": round(commit.upload_seconds, 3),
@@ -132,7 +132,7 @@ def run(
     from transformers import PrinterCallback, set_seed
 
     from .arguments import global_batch, training_arguments
-    from .callbacks import CommitCheckpoints, LogAtSaves, RunAccount
+    from .callbacks import CommitCheckpoints, LogAtSaves, RunAccount, StopAtLastStep, TrainingDone
     from .distributed import SaveBarrier, from_main, is_local_main, is_main, local_main_first
     from .output import model_card, save
     from .preemption import Preemption
@@ -185,6 +185,7 @@ def run(
             tokenizer=tokenizer,
             spec=spec,
             callbacks=[
+                StopAtLastStep(),
                 SaveBarrier(),
                 commit,
                 account,
@@ -201,6 +202,9 @@ def run(
     try:
         with preemption.deferred():  # SIGTERM: save, commit, stop (the last upload is waited for at train end)
             result = trainer.train(resume_from_checkpoint=str(staging / checkpoint_dir(resumed)) if resumed else None)
+    except TrainingDone:  # resumed from the last step's checkpoint: its weights are loaded, nothing is left to train
+        log.info("checkpoint-%s holds the run's last step: nothing left to train", resumed)
+        result = None
     except Preempted as e:
         e.details = progress(trainer, account, commit, resumed, warnings)
         raise
@@ -213,10 +217,13 @@ def run(
     evaluation = requested(evaluation, spec.eval_metrics)
     lineage = account.lineage
     loss = run_loss(
-        trainer.state.log_history, start_steps=lineage.start_steps, final_step=step, attempt_loss=result.training_loss
+        trainer.state.log_history,
+        start_steps=lineage.start_steps,
+        final_step=step,
+        attempt_loss=result.training_loss if result else 0.0,
     )
     metrics = camel_metrics(scores({"train_loss": loss, **evaluation}))
-    seconds = float(result.metrics.get("train_runtime", 0.0))  # this attempt's, as the Trainer measured it
+    seconds = float(result.metrics.get("train_runtime", 0.0)) if result else 0.0  # this attempt's, as measured
 
     tokens = trainer.state.num_input_tokens_seen  # restored with the checkpoint: the whole run's
     summary = Summary(

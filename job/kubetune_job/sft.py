@@ -73,9 +73,10 @@ def lora_config(adapter: Adapter, model: Any) -> Any:
     if missing:
         linear = linear_module_names(model)
         shown = ", ".join(linear[:SHOWN_MODULES]) + (" ..." if len(linear) > SHOWN_MODULES else "")
+        verb = "matches" if len(missing) == 1 else "match"
         raise ConfigError(
             "spec.adapter.targetModules",
-            f"{', '.join(missing)} match no module of the model; its linear layers are named {shown} "
+            f"{', '.join(missing)} {verb} no module of the model; its linear layers are named {shown} "
             f"(or use {ALL_LINEAR})",
         )
     return LoraConfig(
@@ -88,12 +89,9 @@ def lora_config(adapter: Adapter, model: Any) -> Any:
     )
 
 
-def load_causal_lm(
-    source: str, field: str, *, spec: FineTuneJobSpec, precision: str, attention: str, **hub: Any
-) -> Any:
-    """The base model, in the dtype base_dtype chooses; with qlora, quantized to 4-bit NF4 on this process's GPU."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_causal_lm(source: str, field: str, **hub: Any) -> None:
+    """A ModelError unless the model at `source` is a causal LM; reads its configuration alone (no weights)."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
@@ -110,6 +108,16 @@ def load_causal_lm(
             "AutoModelForCausalLM loads (Llama, Qwen, SmolLM, Mistral...); a classifier takes "
             "task: text-classification",
         )
+
+
+def load_causal_lm(
+    source: str, field: str, *, spec: FineTuneJobSpec, precision: str, attention: str, **hub: Any
+) -> Any:
+    """The base model, in the dtype base_dtype chooses; with qlora, quantized to 4-bit NF4 on this process's GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(source, field, **hub)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, base_dtype(precision, adapter=spec.adapter))}
     if spec.adapter is not None and spec.adapter.method == "qlora":
         from transformers import BitsAndBytesConfig

@@ -495,22 +495,27 @@ DOWNLOADED = ".kubetune-download.json"
 def download_prefix(storage: Storage, prefix: str, directory: Path) -> None:
     """Download every object under prefix into directory, keeping relative paths, and check each file's size
     against the listing. A directory that already holds a whole download of the same listing is kept: a
-    base model is fetched once per pod, however many processes and restarts."""
+    base model is fetched once per pod, however many processes and restarts. Otherwise the directory is
+    emptied first, so no file of an earlier download the listing no longer names (a model re-uploaded in
+    shards, say) is read as part of this one."""
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     listing = sorted((obj.key[len(prefix) :], obj.size) for obj in storage.list(prefix))
     marker = directory / DOWNLOADED
     try:
         if json.loads(marker.read_text()) == [list(entry) for entry in listing]:
-            log.info("%s already holds %s", directory, storage.uri)
+            log.info("%s already holds %s", directory, join(storage.uri, prefix))
             return
     except (OSError, ValueError):
         pass
+    shutil.rmtree(directory, ignore_errors=True)
     for relative, size in listing:
         local = directory / relative
         storage.download_file(prefix + relative, local)
         if local.stat().st_size != size:
             raise StorageUnavailable(
-                None, f"{join(storage.uri, prefix + relative)} arrived with {local.stat().st_size} of {size} bytes"
+                getattr(storage, "field", None),
+                f"{join(storage.uri, prefix + relative)} arrived with {local.stat().st_size} of {size} bytes: "
+                "it changed after it was listed (a new upload?) or the transfer was cut short",
             )
     if listing:
         marker.write_text(json.dumps(listing))

@@ -167,6 +167,11 @@ class TextGeneration:
     fully or with a LoRA/QLoRA adapter (PEFT)."""
 
     def load_tokenizer(self, source: str, field: str, spec: FineTuneJobSpec, **hub: Any) -> Any:
+        """The tokenizer, with spec.dataset.chatTemplate if set. The model's configuration is checked first: a model
+        that is no causal LM is the problem to report, before any the tokenizer or the data would show."""
+        from .sft import check_causal_lm
+
+        check_causal_lm(source, field, **hub)
         tokenizer = load_tokenizer(source, field, **hub)
         if spec.dataset.chat_template is not None:
             tokenizer.chat_template = spec.dataset.chat_template
@@ -179,7 +184,7 @@ class TextGeneration:
         names = {"train": ds.train_split, "eval": ds.eval_split or ""}
         fmt = chats.detect_format(splits["train"].column_names, ds.format)
         if "eval" in splits:
-            chats.detect_format(splits["eval"].column_names, fmt)
+            chats.check_eval_columns(splits["eval"].column_names, fmt, names["eval"])
         chats.check_records(splits, fmt, names)
         prepared = Prepared(data=None, format=fmt, pairs=self._pairs(splits, fmt, spec))
         conversational = fmt == "messages" or isinstance(splits["train"][0].get("prompt"), list)
@@ -274,6 +279,10 @@ class TextGeneration:
                 raise ConfigError("spec.adapter.targetModules", f"PEFT cannot attach the adapter: {e}") from None
             raise
         kept = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+        if spec.dataset.packing:
+            # Packed, the training split holds bins of examples, not examples; TRL drops none of them (it
+            # truncates an example longer than maxLength). Evaluation is never packed.
+            sizes.pop("train")
         for name, size in sizes.items():
             left = len(kept[name])
             prepared.warnings += truncation_report(name, size, left, spec.max_length)

@@ -4,7 +4,8 @@ pydantic emits JSON Schema; Kubernetes wants a structural OpenAPI v3 schema. Thi
 references, turns optional unions into plain typed fields, int-or-string unions into
 `x-kubernetes-int-or-string`, free-form maps into `x-kubernetes-preserve-unknown-fields`, and adds
 the CEL rules: those spec.py declares (one-of fields, URI schemes, label keys, tolerations, the
-name's length per node count) and immutability of everything but spec.MUTABLE_FIELDS. Every bound
+name's length per node count, the rules that tie one spec field to another) and immutability of
+everything but spec.MUTABLE_FIELDS. Every bound
 comes from spec.py, so `kubetune validate` and the API server give the same answer; a string, list,
 map or integer without an upper bound there is an error here (the API server needs the bounds to cost
 the CEL rules, and a bound the CLI does not share is a disagreement).
@@ -148,7 +149,11 @@ COLUMNS = [
 def spec_schema() -> dict[str, Any]:
     raw = api.FineTuneJobSpec.model_json_schema(by_alias=True)
     schema = structural(raw, raw.get("$defs", {}))
-    schema["x-kubernetes-validations"] = immutability(schema["properties"])
+    # The spec's own rules (spec.SPEC_RULES, which tie one field to another), then immutability.
+    schema["x-kubernetes-validations"] = [
+        *schema.get("x-kubernetes-validations", []),
+        *immutability(schema["properties"]),
+    ]
     return schema
 
 

@@ -14,6 +14,23 @@ their ratio (target >= 3 on an H100), time to first step (process start to the e
 optimizer step), and MFU = total_flos / train_runtime / peak FLOP/s, with the assumed peak. It needs
 a CUDA GPU and stops at once, loudly, without one. It takes a few minutes on an H100 (budget: 8).
 
+`--llm` runs the LLM case instead: text-generation on a Llama of about 0.6B parameters (20 layers,
+hidden 1536, grouped-query attention, 32k vocabulary; random init, a word-level tokenizer with a
+ChatML template) over 1,200 synthetic chats (one user turn of 64-640 words, one answer of 32-512),
+with a LoRA adapter and with full fine-tuning, each as
+
+- the plain TRL script: SFTTrainer given the model's path, SFTConfig's defaults (bf16 autocast,
+  gradient checkpointing, max_length 1024), LoRA r 16, alpha 32, dropout 0.05 on all-linear;
+- kubetune's job with its defaults (spec.adapter {} is that same LoRA), no evaluation split;
+
+both for 100 steps of 8 chats at learning rate 2e-5. It prints tokens/s (non-padding input tokens
+between the end of step 20 and the end of the last step, before the final checkpoint), MFU (6N
+tokens/s / peak for full fine-tuning, 4N + 6n for LoRA: see model_flops_per_token), peak GPU memory
+(torch.cuda.max_memory_allocated) and the ratios, then the whole result as one JSON line. It too
+needs a CUDA GPU; it is sized for about 5 minutes on an H100 (each run's limit: 8):
+
+    python3 tests/bench/gpu_benchmark.py --llm [--wheels .whl/gpu-bench] [--steps 100]
+
 Wheels, for a GPU machine without the package registry. torch is not carried: the machine's own
 CUDA build is used (add a torch wheel to the directory if it has none). On a machine with the
 registry and this repository's .venv, build the kubetune wheel and download its dependencies,
@@ -292,9 +309,9 @@ def child_environment(site: Path | None) -> dict[str, str]:
     }
 
 
-def check_imports(env: dict[str, str]) -> None:
+def check_imports(env: dict[str, str], needed: tuple[str, ...] = NEEDED) -> None:
     probe = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if not importlib.util.find_spec(m)))"
-    missing = subprocess.run([sys.executable, "-c", probe, *NEEDED], env=env, capture_output=True, text=True).stdout
+    missing = subprocess.run([sys.executable, "-c", probe, *needed], env=env, capture_output=True, text=True).stdout
     if missing.strip():
         sys.exit(f"gpu_benchmark: cannot import {missing.strip()}: pass --wheels DIR (see the docstring)")
 
@@ -342,6 +359,255 @@ def report(results: dict[str, dict[str, Any]], peak: float, peak_text: str, *, e
     print(f"MFU = total_flos / train_runtime / peak; peak assumed: {peak_text}, for the fp32 runs too.")
     over = " (over the 8-minute budget)" if elapsed > TIME_BUDGET_S else ""
     print(f"total time: {elapsed:.0f} s{over}")
+
+
+# ---- the LLM case: supervised fine-tuning of a causal LM (text-generation) -------------------------
+
+#: A Llama of about 0.6B parameters (random init): 20 layers, hidden 1536, grouped-query attention, a
+#: 32k vocabulary. The CPU smoke run uses the tiny size.
+LLAMA_SIZE = {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 20, "num_attention_heads": 12,
+              "num_key_value_heads": 4, "vocab_size": 32000}  # fmt: skip
+LLAMA_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
+#: The LLM case's training: both scripts get these values; everything else is each one's defaults.
+LLM_STEPS, LLM_WARMUP, LLM_BATCH, LLM_MAX_LENGTH, LLM_LEARNING_RATE = 100, 20, 8, 1024, 2e-5
+LLM_TRAIN = 1200  # chats (at least): more than steps x batch, so no run reaches an epoch's end
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: Steady-state throughput: the non-padding input tokens and the time between the end of step `warmup` and
+#: the end of the last step (before the final checkpoint), the GPU synchronised at both; peak GPU memory.
+LLM_PROBE = """
+import json, sys, time
+import torch
+from transformers import TrainerCallback
+
+class Probe(TrainerCallback):
+    def __init__(self, warmup):
+        self.warmup, self.marks, self.sizes = warmup, {}, {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        params = list(model.parameters())
+        self.sizes = {"params": sum(p.numel() for p in params),
+                      "trainable": sum(p.numel() for p in params if p.requires_grad),
+                      "embedding": model.get_input_embeddings().weight.numel()}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in (self.warmup, state.max_steps):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks[state.global_step] = (time.perf_counter(), int(state.num_input_tokens_seen))
+
+    def report(self, **extra):
+        (t0, n0), (t1, n1) = self.marks[self.warmup], self.marks[max(self.marks)]
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        out = {"tokens_per_second": (n1 - n0) / (t1 - t0), "measured_tokens": n1 - n0,
+               "measured_steps": max(self.marks) - self.warmup, "peak_memory_gib": peak / 2**30, **self.sizes, **extra}
+        print("RESULT " + json.dumps(out), flush=True)
+
+c = json.loads(sys.argv[1])
+probe = Probe(c["warmup"])
+"""
+
+#: The plain TRL script: the model by path (TRL loads it in fp32), SFTConfig's defaults (bf16 autocast, gradient
+#: checkpointing, max_length 1024) but for steps, batch and learning rate; the LoRA of TRL's documentation.
+LLM_PLAIN = (
+    LLM_PROBE
+    + """
+from datasets import load_dataset
+from peft import LoraConfig
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+data = load_dataset("json", data_files=c["data"] + "/train.jsonl", split="train")
+tokenizer = AutoTokenizer.from_pretrained(c["model"])
+lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+args = SFTConfig(output_dir=c["out"], max_steps=c["steps"], per_device_train_batch_size=c["batch"],
+                 learning_rate=c["lr"], max_length=c["max_length"], bf16=torch.cuda.is_available(), report_to="none",
+                 disable_tqdm=True, include_num_input_tokens_seen="non_padding")  # tokens counted as kubetune does
+trainer = SFTTrainer(model=c["model"], args=args, train_dataset=data, processing_class=tokenizer,
+                     peft_config=lora if c["lora"] else None, callbacks=[probe])
+trainer.train()
+probe.report()
+"""
+)
+
+#: kubetune's job with its defaults (LoRA: spec.adapter {} is rank 16, alpha 32, dropout 0.05, all-linear).
+LLM_KUBETUNE = (
+    LLM_PROBE
+    + """
+from pathlib import Path
+from kubetune_api.settings import JobSettings
+from kubetune_api.spec import parse_manifest
+from kubetune_job.orchestrate import execute
+
+out = Path(c["out"])
+spec = {"task": "text-generation", "model": {"uri": c["model"]},
+        "dataset": {"uri": c["data"], "evalSplit": None, "maxLength": c["max_length"]},
+        "hyperparameters": {"maxSteps": c["steps"], "batchSize": c["batch"], "learningRate": c["lr"], **c["hyper"]},
+        "checkpoints": {"uri": str(out / "checkpoints")}, "output": {"uri": str(out / "model")}}
+if c["lora"]:
+    spec["adapter"] = {}
+job = parse_manifest({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bench"},
+                      "spec": spec})
+code = execute(JobSettings(work_dir=out / "scratch", summary_path=out / "summary.json"), spec=job.spec,
+               callbacks=[probe])
+if code:
+    sys.exit("kubetune failed: " + (out / "summary.json").read_text())
+probe.report()
+"""
+)
+
+BUILD_LLAMA = """
+import json, sys
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
+
+directory, words, size, template = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+specials = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
+vocab = {t: i for i, t in enumerate([*specials, *words])}
+tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+tok.add_special_tokens(specials)
+tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                               eos_token="<|im_end|>", model_max_length=4096)
+fast.chat_template = template
+size["vocab_size"] = max(size["vocab_size"], len(vocab))
+config = LlamaConfig(**size, max_position_embeddings=4096, bos_token_id=vocab["<s>"], eos_token_id=vocab["<|im_end|>"],
+                     pad_token_id=vocab["<pad>"], tie_word_embeddings=False)
+set_seed(0)
+with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is fast on the GPU
+    model = LlamaForCausalLM(config)
+model.to(torch.bfloat16).save_pretrained(directory)  # each run loads it in the dtype it chooses
+fast.save_pretrained(directory)
+"""
+
+
+def chat_words(n: int) -> list[str]:
+    """The synthetic chats' vocabulary: n made-up words (each one token of the word-level tokenizer)."""
+    rng = random.Random(n)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: set[str] = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(letters) for _ in range(rng.randint(2, 9))))
+    return sorted(words)
+
+
+def write_chats(directory: Path, words: list[str], *, n: int, prompt: tuple[int, int], answer: tuple[int, int]) -> Path:
+    """Conversational prompt-completion chats (one user turn, one answer) of random length, as train.jsonl."""
+    rng = random.Random(1024)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "train.jsonl").open("w") as f:
+        for _ in range(n):
+            question = " ".join(rng.choices(words, k=rng.randint(*prompt)))
+            reply = " ".join(rng.choices(words, k=rng.randint(*answer)))
+            record = {"prompt": [{"role": "user", "content": question}],
+                      "completion": [{"role": "assistant", "content": reply}]}  # fmt: skip
+            f.write(json.dumps(record) + "\n")
+    return directory
+
+
+def build_llama(directory: Path, words: list[str], size: dict[str, int], *, env: dict[str, str]) -> Path:
+    argv = [sys.executable, "-c", BUILD_LLAMA, str(directory), json.dumps(words), json.dumps(size), CHATML]
+    subprocess.run(argv, env=env, check=True)
+    return directory
+
+
+def model_flops_per_token(result: dict[str, Any], *, lora: bool) -> float:
+    """Training FLOPs per token, without the recomputation of gradient checkpointing and without attention's
+    own matmuls (small beside the weights' at these lengths). N: the base's weights that multiply each token
+    (every parameter but the input embedding, which is a lookup; the output head counts). Full fine-tuning:
+    6N (forward 2N, backward 4N). LoRA: the frozen base's forward and its backward to the activations, 4N, plus
+    6n for the adapter's n trainable weights."""
+    if lora:
+        n = result["trainable"]
+        return 4.0 * (result["params"] - n - result["embedding"]) + 6.0 * n
+    return 6.0 * (result["params"] - result["embedding"])
+
+
+def llm_benchmark(a: argparse.Namespace) -> None:
+    started = time.time()
+    device = require_gpu(a.cpu_smoke)
+    peak, peak_text = peak_flops(device, a.peak_tflops or (1.0 if a.cpu_smoke else None))
+    site = use_wheels(a.wheels) if a.wheels else None
+    env = child_environment(site)
+    check_imports(env, (*NEEDED, "trl", "peft"))
+    smoke = a.cpu_smoke
+    size = dict(LLAMA_TINY if smoke else LLAMA_SIZE)
+    steps, warmup = (6, 2) if smoke else (a.steps or LLM_STEPS, LLM_WARMUP)
+    if steps <= warmup:
+        sys.exit(f"gpu_benchmark: --steps must exceed the {warmup} warm-up steps")
+    config = {"steps": steps, "warmup": warmup, "batch": LLM_BATCH, "lr": LLM_LEARNING_RATE,
+              "max_length": 64 if smoke else LLM_MAX_LENGTH, "hyper": json.loads(a.hyper)}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
+        words = chat_words(200 if smoke else 8000)
+        lengths = {"prompt": (4, 24), "answer": (4, 24)} if smoke else {"prompt": (64, 640), "answer": (32, 512)}
+        chats = 64 if smoke else max(LLM_TRAIN, steps * LLM_BATCH + 100)  # no epoch's end: no mid-run checkpoint
+        data = write_chats(Path(tmp) / "data", words, n=chats, **lengths)
+        model = build_llama(Path(tmp) / "llama", words, size, env=env)
+        config.update(model=str(model), data=str(data))
+        print(f"device: {device}; Llama {json.dumps(size)}; {steps} steps of {LLM_BATCH} chats", flush=True)
+        results: dict[str, dict[str, Any]] = {}
+        for method in ("LoRA", "full"):
+            for run, script in (("plain", LLM_PLAIN), ("kubetune", LLM_KUBETUNE)):
+                name = f"{method} {run}"
+                with tempfile.TemporaryDirectory(prefix="kubetune-bench-", dir=tmp) as out:
+                    launched = time.time()
+                    results[name] = child_run(script, {**config, "lora": method == "LoRA", "out": out}, env=env)
+                    results[name]["wall_s"] = time.time() - launched
+                flops = model_flops_per_token(results[name], lora=method == "LoRA")
+                results[name]["mfu"] = flops * results[name]["tokens_per_second"] / peak
+                print(f"  done: {name} in {results[name]['wall_s']:.0f} s", flush=True)
+    llm_report(results, device=device, size=size, config=config, peak_text=peak_text, elapsed=time.time() - started)
+
+
+def child_run(script: str, config: dict[str, Any], *, env: dict[str, str]) -> dict[str, Any]:
+    """One fine-tune in a fresh process, its configuration as JSON; its RESULT line."""
+    argv = [sys.executable, "-c", script, json.dumps(config)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=TIME_BUDGET_S, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode or not lines:
+        sys.exit(f"gpu_benchmark: a run failed (exit code {done.returncode}):\n{done.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
+    return result
+
+
+def llm_report(
+    results: dict[str, dict[str, Any]],
+    *,
+    device: str,
+    size: dict[str, int],
+    config: dict[str, Any],
+    peak_text: str,
+    elapsed: float,
+) -> None:
+    print(f"\n  {'run':<16} {'tokens/s':>10} {'MFU':>8} {'peak GPU mem':>13} {'trainable':>12} {'wall':>7}")
+    for name, r in results.items():
+        print(
+            f"  {name:<16} {r['tokens_per_second']:>10.0f} {100 * r['mfu']:>6.2f} % {r['peak_memory_gib']:>9.2f} GiB "
+            f"{r['trainable']:>12,} {r['wall_s']:>5.0f} s"
+        )
+    ratios = {m: results[f"{m} kubetune"]["tokens_per_second"] / results[f"{m} plain"]["tokens_per_second"]
+              for m in ("LoRA", "full")}  # fmt: skip
+    print("\n" + "; ".join(f"{m} tokens/s kubetune/plain: {r:.2f}x" for m, r in ratios.items()))
+    print(
+        f"tokens/s: non-padding input tokens from the end of step {config['warmup']} to the end of step "
+        f"{config['steps']} (before the final checkpoint), over that time, the GPU synchronised at both ends."
+    )
+    print(
+        "MFU = F x tokens/s / peak, F = 6N for full fine-tuning and 4N + 6n for LoRA (N: the weights but the "
+        "input embedding, n: the adapter's); no recomputation, no attention matmuls. "
+        f"Peak assumed: {peak_text}."
+    )
+    print(f"total time: {elapsed:.0f} s")
+    params = results["full plain"]["params"]
+    summary = {"case": "llm", "device": device, "peak": peak_text, "llama": size, "params": params,
+               "training": {k: config[k] for k in ("steps", "warmup", "batch", "lr", "max_length", "hyper")},
+               "runs": results, "ratios": ratios, "seconds": round(elapsed)}  # fmt: skip
+    print(json.dumps(summary))
 
 
 # ---- preparing the wheels ---------------------------------------------------------------------
@@ -421,9 +687,13 @@ def main() -> None:
     p.add_argument("--epochs", type=float, help="override the 3 epochs (both runs)")
     p.add_argument("--hyper", default="{}", help="JSON hyperparameters for kubetune's run (default: its defaults)")
     p.add_argument("--cpu-smoke", action="store_true", help="run a tiny version on CPU to test this script")
+    p.add_argument("--llm", action="store_true", help="the LLM case (text-generation, LoRA and full) instead")
+    p.add_argument("--steps", type=int, help=f"the LLM case's optimizer steps (default {LLM_STEPS})")
     a = p.parse_args()
     if a.prepare_wheels:
         prepare_wheels(a.prepare_wheels)
+    elif a.llm:
+        llm_benchmark(a)
     else:
         benchmark(a)
 

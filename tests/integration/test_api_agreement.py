@@ -1,11 +1,13 @@
 """`kubetune validate` and the API server give the same answer, and the bounds are the right ones.
 
-Manifests are generated from the CRD's own schema (so a new field is fuzzed without a change here):
-valid values for each field, then mutations of one field (wrong type, out of range, too long, null,
-unknown key, bad label key or value, bad bucket, duplicate list item, deep `extra`, long names). Each
-one goes to a real kube-apiserver with a server-side dry run and through the CLI's parser; both
-accept it, or both refuse it naming a field. A second group of tests puts every bound at its limit:
-the server accepts the FineTuneJob and the Job and Service the operator renders for it.
+Manifests are generated from the CRD's own schema (so a new field is fuzzed without a change here),
+starting from a text-classification or a text-generation manifest: valid values for each field, then
+mutations of one field (wrong type, out of range, too long, null, unknown key, bad label key or value,
+bad bucket, duplicate list item, deep `extra`, long names) or one field left out. Each one goes to a
+real kube-apiserver with a server-side dry run and through the CLI's parser; both accept it, or both
+refuse it naming a field (for the rules that tie fields together, spec.SPEC_RULES, the same field). A
+second group of tests puts every bound at its limit: the server accepts the FineTuneJob and the Job and
+Service the operator renders for it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 import string
 import subprocess
 import sys
@@ -229,17 +232,82 @@ def put(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
         node[path[-1]] = value
 
 
+def present(doc: dict[str, Any], path: tuple[str, ...]) -> bool:
+    node: Any = doc
+    for key in path:
+        if isinstance(node, list) and key == "0" and node:
+            node = node[0]
+        elif isinstance(node, dict) and key in node:
+            node = node[key]
+        else:
+            return False
+    return True
+
+
+def drop(doc: dict[str, Any], path: tuple[str, ...]) -> None:
+    """Remove the field at path (present(doc, path) holds)."""
+    node: Any = doc
+    for key in path[:-1]:
+        node = node[0] if isinstance(node, list) else node[key]
+    if isinstance(node, list):
+        node.pop(0)
+    else:
+        del node[path[-1]]
+
+
+#: A text-generation manifest that sets every field of that task, each to a value other than its default.
+GENERATION: dict[str, Any] = {
+    **GOOD,
+    "metadata": {"name": "chat"},
+    "spec": {
+        "model": {"uri": "s3://models/smollm2-135m-instruct/"},
+        "task": "text-generation",
+        "dataset": {
+            "uri": "s3://data/support-chats/",
+            "format": "messages",
+            "packing": True,
+            "chatTemplate": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "maxLength": 512,
+        },
+        "adapter": {"method": "qlora", "rank": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]},
+        "evaluation": {"generate": {"examples": 16, "maxNewTokens": 32}},
+        "hyperparameters": {"gradientCheckpointing": False},
+        "metrics": ["exact_match", "perplexity"],
+        "output": {"uri": "s3://models/support-bot/", "merge": True},
+    },
+}
+#: The manifests the fuzz starts from: one of each task.
+BASES = (GOOD, GENERATION)
+#: The fields spec.SPEC_RULES read (self.task, self.dataset.format...), read from the rules themselves: they
+#: are set or left out more often than the others, so that each rule breaks, alone and together.
+CROSS = [
+    (path, schema)
+    for path, schema in FIELDS
+    if len(path) > 1 and any(re.search(rf"self\.{'.'.join(path[1:])}(?![\w.])", str(r["rule"])) for r in api.SPEC_RULES)
+]
+
+
 @st.composite
 def manifests(draw: st.DrawFn) -> dict[str, Any]:
-    """GOOD with up to two fields set to valid values, then (mostly) one field mutated, or the name changed."""
-    doc = copy.deepcopy(GOOD)
+    """A base manifest with up to two fields set to valid values, then (mostly) one field mutated or left
+    out, or the name changed."""
+    doc = copy.deepcopy(draw(st.sampled_from(BASES)))
     for _ in range(draw(st.integers(0, 2))):
         path, schema = draw(st.sampled_from(FIELDS[1:]))
         put(doc, path, draw(values(schema)))
-    choice = draw(st.sampled_from(["mutate", "mutate", "mutate", "name", "none"]))
+    choice = draw(st.sampled_from(["mutate", "mutate", "mutate", "drop", "cross", "cross", "name", "none"]))
     if choice == "mutate":
         path, schema = draw(st.sampled_from(FIELDS[1:]))
         put(doc, path, draw(mutations(schema)))
+    elif choice == "drop":
+        drop(doc, draw(st.sampled_from([path for path, _ in FIELDS[1:] if present(doc, path)])))
+    elif choice == "cross":
+        for _ in range(draw(st.integers(1, 3))):
+            path, schema = draw(st.sampled_from(CROSS))
+            if present(doc, path) and draw(st.booleans()):
+                drop(doc, path)
+            else:
+                put(doc, path, draw(values(schema)))
     elif choice == "name":
         doc["metadata"]["name"] = draw(names())
         put(doc, ("spec", "resources", "nodes"), draw(st.sampled_from([1, 2, 10, 11, 64])))
@@ -262,7 +330,9 @@ def server_verdict(api_client: Any, namespace: str, doc: dict[str, Any]) -> Verd
     except ApiException as e:
         if e.status not in (400, 422):
             raise
-        return [json.loads(e.body)["message"]]
+        body = json.loads(e.body)
+        causes = (body.get("details") or {}).get("causes") or []
+        return [body["message"], *(f"{c.get('field', '')}: {c.get('message', '')}" for c in causes)]
     return None
 
 
@@ -278,12 +348,22 @@ def names_a_field(message: str) -> bool:
     return "spec." in message or "metadata.name" in message or 'unknown field "spec' in message
 
 
+def broken_rules(server: list[str]) -> list[int]:
+    """Which of spec.SPEC_RULES the server's answer (message, then one line per cause) says were broken."""
+    return [i for i, rule in enumerate(api.SPEC_RULES) if any(str(rule["message"]) in c for c in server[1:])]
+
+
 def agree(server: Verdict, cli: Verdict, doc: dict[str, Any]) -> None:
     where = json.dumps(doc)[:2000]
     assert (server is None) == (cli is None), f"server: {server}\ncli: {cli}\nmanifest: {where}"
     if server is not None and cli is not None:
         assert names_a_field(server[0]), f"the server's message names no field: {server}"
         assert all(names_a_field(line) or line.startswith(("metadata.", "spec")) for line in cli), cli
+        causes = server[1:]
+        if causes and len(broken_rules(server)) == len(causes):
+            # Only rules that tie fields together broke: the CLI checks them in order and names the first.
+            fields = {c.split(": ", 1)[0] for c in causes}
+            assert {line.split(": ", 1)[0] for line in cli} <= fields, f"server: {causes}\ncli: {cli}\n{where}"
 
 
 # --- tests --------------------------------------------------------------------------------------
@@ -298,6 +378,8 @@ def installed(control_plane: Any) -> Any:
 def test_cli_and_server_agree_on_generated_manifests(installed: Any, kube_admin: Any, namespace: str) -> None:
     """Valid and mutated manifests from the CRD's schema: the CLI and the API server give the same answer."""
     seen = {"accepted": 0, "refused": 0}
+    generation = {"accepted": 0, "refused": 0}
+    rules = [0] * len(api.SPEC_RULES)
 
     @settings(
         max_examples=EXAMPLES,
@@ -310,11 +392,29 @@ def test_cli_and_server_agree_on_generated_manifests(installed: Any, kube_admin:
     def check(doc: dict[str, Any]) -> None:
         server = server_verdict(kube_admin, namespace, doc)
         agree(server, cli_verdict(doc), doc)
-        seen["accepted" if server is None else "refused"] += 1
+        verdict = "accepted" if server is None else "refused"
+        seen[verdict] += 1
+        if isinstance(doc.get("spec"), dict) and doc["spec"].get("task") == "text-generation":
+            generation[verdict] += 1
+        for i in broken_rules(server or []):
+            rules[i] += 1
 
     check()
-    # Both answers must be common, or the run proved little.
+    # Both answers must be common, for each task too, and each cross-field rule must break somewhere,
+    # or the run proved little.
     assert min(seen.values()) >= EXAMPLES // 10, seen
+    assert min(generation.values()) >= EXAMPLES // 20, generation
+    assert min(rules) > 0, rules
+
+
+def test_the_text_generation_base_sets_every_field_of_its_task() -> None:
+    """The fuzz's text-generation manifest is valid and carries each field the task added (so they are
+    fuzzed in valid company), and its metrics are the task's own."""
+    spec = parse_manifest(copy.deepcopy(GENERATION)).spec
+    assert spec.adapter is not None and spec.evaluation is not None and spec.evaluation.generate is not None
+    assert spec.dataset.format and spec.dataset.packing and spec.dataset.chat_template and spec.output.merge
+    assert set(spec.metrics) == set(api.TASK_METRICS["text-generation"])
+    assert spec.hyperparameters.gradient_checkpointing is False
 
 
 #: Generated manifests created for real under the running operator, and how long each may wait for a status.
@@ -528,6 +628,23 @@ def test_bounds_at_their_limits_are_accepted_with_the_jobs_and_services(
 ) -> None:
     """Every bound at its limit: the FineTuneJob, its Indexed Job and its Service are all accepted."""
     doc = at_limits("a" * (length - 1) + "z", nodes)
+    assert cli_verdict(doc) is None
+    assert server_verdict(kube_admin, namespace, doc) is None
+    assert server_accepts_children(kube_admin, rendered(doc, namespace)) == []
+
+
+def test_text_generation_fields_at_their_limits_are_accepted_with_the_job(
+    installed: Any, kube_admin: Any, namespace: str
+) -> None:
+    """The text-generation fields at their limits too (the longest chat template, 64 target modules of the
+    longest name): both accept the FineTuneJob, and the server its Job, which carries the spec to the pod."""
+    doc = at_limits("a" * 60 + "z", 1)
+    doc["spec"].update(copy.deepcopy({k: v for k, v in GENERATION["spec"].items() if k not in ("model", "output")}))
+    doc["spec"]["dataset"].update({"chatTemplate": "t" * api.MAX_TEMPLATE, "maxLength": 131072})
+    doc["spec"]["adapter"].update(
+        {"rank": 4096, "alpha": 65536, "targetModules": [f"{i:02d}" + "m" * (api.MAX_STRING - 2) for i in range(64)]}
+    )
+    doc["spec"]["evaluation"]["generate"] = {"examples": 100000, "maxNewTokens": 32768}
     assert cli_verdict(doc) is None
     assert server_verdict(kube_admin, namespace, doc) is None
     assert server_accepts_children(kube_admin, rendered(doc, namespace)) == []

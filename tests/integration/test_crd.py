@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 from typing import Any
 
 import pytest
 
+from kubetune_api.spec import SPEC_RULES, SpecError, parse_manifest
 from tests.kube import apply as kube_apply
 from tests.kube import install_crd, kubectl
 from tests.status_cases import derived_statuses, without_nulls
@@ -149,3 +151,82 @@ def test_every_derived_status_survives_the_api_server(installed: Any, namespace:
         kubectl(installed, "replace", "--subresource=status", "-n", namespace, "-f", "-", stdin=json.dumps(stored))
         got = json.loads(kubectl(installed, "get", "ftj", "bert-mrpc", "-n", namespace, "-o", "json").stdout)
         assert got["status"] == without_nulls(status)
+
+
+# --- text-generation: its fields and the rules that tie spec fields together (spec.SPEC_RULES) -----------
+
+TEXT_GENERATION: dict[str, Any] = {
+    "task": "text-generation",
+    "model": {"uri": "s3://models/smollm2-135m-instruct/"},
+    "dataset": {"uri": "s3://data/support-chats/", "format": "messages", "packing": False, "maxLength": 1024},
+    "adapter": {"method": "lora", "rank": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]},
+    "evaluation": {"generate": {"examples": 64, "maxNewTokens": 128}},
+    "metrics": ["perplexity", "exact_match"],
+    "output": {"uri": "s3://models/support-bot/", "merge": True},
+}
+
+
+GLUE = SPEC_GOOD["spec"]["dataset"]
+
+
+def generation(**changes: Any) -> dict[str, Any]:
+    doc = with_spec(**TEXT_GENERATION)
+    doc["spec"].update(changes)
+    return doc
+
+
+def refused_field(stderr: str) -> str:
+    """The field an API server error is reported on: `<field>: Invalid value: ...`."""
+    found = re.search(r"(spec[\w.\[\]]*): Invalid value", stderr)
+    assert found, stderr
+    return found.group(1)
+
+
+def cli_fields(doc: dict[str, Any]) -> set[str]:
+    with pytest.raises(SpecError) as e:
+        parse_manifest(doc)
+    return {line.split(":", 1)[0] for line in e.value.problems}
+
+
+def test_a_text_generation_manifest_is_stored_with_its_defaults(installed: Any, namespace: str) -> None:
+    """The issue's text-generation manifest is accepted; a bare adapter and generate block get their defaults."""
+    assert apply(installed, namespace, generation()).returncode == 0
+    bare = with_name(
+        "bare-chat",
+        task="text-generation",
+        adapter={},
+        evaluation={"generate": {}},
+        metrics=["exact_match"],
+    )
+    assert apply(installed, namespace, bare).returncode == 0
+    got = json.loads(kubectl(installed, "get", "ftj", "bare-chat", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert got["adapter"] == {"method": "lora", "rank": 16, "dropout": 0.05, "targetModules": ["all-linear"]}
+    assert got["evaluation"]["generate"] == {"examples": 64, "maxNewTokens": 128}
+    assert got["dataset"]["packing"] is False and got["output"]["merge"] is False
+    assert "format" not in got["dataset"] and "chatTemplate" not in got["dataset"]
+
+
+@pytest.mark.parametrize(
+    ("rule", "doc"),
+    [
+        pytest.param(0, with_spec(metrics=["perplexity"]), id="classifier-perplexity"),
+        pytest.param(0, generation(metrics=["accuracy"]), id="generation-accuracy"),
+        pytest.param(1, generation(evaluation={}), id="exact-match-without-generate"),
+        pytest.param(1, generation(evaluation=None), id="exact-match-without-evaluation"),
+        pytest.param(2, with_spec(adapter={"rank": 8}), id="classifier-adapter"),
+        pytest.param(2, with_spec(evaluation={"generate": {"examples": 4}}), id="classifier-evaluation"),
+        pytest.param(3, with_spec(dataset={**GLUE, "format": "text"}), id="classifier-format"),
+        pytest.param(3, with_spec(dataset={**GLUE, "packing": True}), id="classifier-packing"),
+        pytest.param(3, with_spec(dataset={**GLUE, "chatTemplate": "{{ messages }}"}), id="classifier-template"),
+        pytest.param(4, generation(adapter=None), id="merge-without-adapter"),
+    ],
+)
+def test_each_cross_field_rule_refuses_with_its_message(
+    installed: Any, namespace: str, rule: int, doc: dict[str, Any]
+) -> None:
+    """Each of SPEC_RULES refuses what FineTuneJobSpec._consistent refuses, with its message, on the field
+    the CLI names."""
+    doc["spec"] = {k: v for k, v in doc["spec"].items() if v is not None}
+    err = rejected(installed, namespace, doc)
+    assert str(SPEC_RULES[rule]["message"]) in err, err
+    assert refused_field(err) in cli_fields(doc), (err, cli_fields(doc))

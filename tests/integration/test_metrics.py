@@ -1,5 +1,5 @@
-"""Training metrics end to end: a real tiny job pushes to the test bed's Pushgateway, Prometheus scrapes it,
-and every dashboard query and alert rule is checked against what arrived."""
+"""Training metrics end to end: real tiny jobs (a classifier and a causal LM) push to the test bed's Pushgateway,
+Prometheus scrapes them, and every dashboard query and alert rule is checked against what arrived."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import pytest
 import yaml
 
 from kubetune_api.metrics import BY_NAME, CATALOG
+from kubetune_api.spec import TASK_METRICS, TASKS
 from kubetune_job.pushgateway import delete_group
 from tests.blackhole import blackhole as gateway_blackhole
-from tests.models import build_tiny_bert, write_pairs
+from tests.models import build_tiny_bert, build_tiny_llama, write_chats, write_pairs
 from tests.testbed import binaries
 
 pytestmark = pytest.mark.integration
@@ -90,20 +91,55 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"model": build_tiny_bert(base / "model"), "data": write_pairs(base / "data", train=400, validation=80)}
 
 
-@pytest.fixture(scope="module")
-def trained(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, pushgateway: Any, prometheus: Any) -> Any:
-    """A tiny job (100 steps, 4 evaluations and checkpoints) that pushed to the gateway and was scraped to its end."""
-    name = f"tiny-{secrets.token_hex(3)}"
-    work = tmp_path_factory.mktemp("trained")
-    code, summary = run_job(manifest(tiny, work, name), work, pushgateway.url)
+def finished(job: dict[str, Any], work: Path, gateway: Any, prometheus: Any) -> Any:
+    """Run the job to success and wait until Prometheus scraped its outcome."""
+    name = job["metadata"]["name"]
+    code, summary = run_job(job, work, gateway.url)
     assert code == 0, (work / "job.log").read_text()[-3000:]
     prometheus.query(f'kubetune_job_outcome{{finetunejob="{name}", phase="Succeeded"}}', timeout=30)
     return type("Trained", (), {"name": name, "summary": summary, "work": work})
 
 
-def test_training_job_pushes_every_metric_to_its_group(trained: Any, pushgateway: Any) -> None:
-    """The group holds every catalog metric a CPU run has (all but GPU ones), and the gateway's push time."""
-    names = {ln.split("{")[0] for ln in group_lines(pushgateway.metrics_text(), trained.name)}
+@pytest.fixture(scope="module")
+def trained(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, pushgateway: Any, prometheus: Any) -> Any:
+    """A tiny job (100 steps, 4 evaluations and checkpoints) that pushed to the gateway and was scraped to its end."""
+    work = tmp_path_factory.mktemp("trained")
+    return finished(manifest(tiny, work, f"tiny-{secrets.token_hex(3)}"), work, pushgateway, prometheus)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory, pushgateway: Any, prometheus: Any) -> Any:
+    """A tiny text-generation job (a causal LM on chat data, 25 steps, 3 evaluations with generated answers
+    scored by exact_match, and perplexity) that pushed to the gateway and was scraped to its end."""
+    base = tmp_path_factory.mktemp("chat")
+    model, data = build_tiny_llama(base / "model"), write_chats(base / "data", train=200, validation=20)
+    work = base / "run"
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": f"chat-{secrets.token_hex(3)}"},
+        "spec": {
+            "model": {"uri": str(model)},
+            "task": "text-generation",
+            "dataset": {"uri": str(data), "maxLength": 32},
+            "evaluation": {"generate": {"examples": 4, "maxNewTokens": 4}},
+            "hyperparameters": {"epochs": 1, "batchSize": 8, "learningRate": 3e-3, "evalEvery": 10},
+            "metrics": ["exact_match", "perplexity"],
+            "checkpoints": {"uri": str(work / "checkpoints"), "every": 10, "keep": 1},
+            "output": {"uri": str(work / "output")},
+        },
+    }
+    return finished(job, work, pushgateway, prometheus)
+
+
+@pytest.mark.parametrize("run", ["trained", "generated"])
+def test_training_job_pushes_every_metric_to_its_group(
+    run: str, request: pytest.FixtureRequest, pushgateway: Any
+) -> None:
+    """The group of each task's run holds every catalog metric a CPU run has (all but GPU ones), and the
+    gateway's push time."""
+    name = request.getfixturevalue(run).name  # trains first, if no test did yet
+    names = {ln.split("{")[0] for ln in group_lines(pushgateway.metrics_text(), name)}
     expected = {m.name for m in CATALOG if not m.gpu} | {"push_time_seconds"}
     assert expected <= names, sorted(expected - names)
 
@@ -146,6 +182,17 @@ def load(path: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+def tasks_of(expr: str) -> list[str]:
+    """The tasks whose runs a query shows: those having every evaluation metric it selects by name
+    (metric="perplexity" is text-generation's alone), or every task."""
+    named = set(re.findall(r'\bmetric="(\w+)"', expr))
+    return [task for task in TASKS if named <= set(TASK_METRICS[task])]
+
+
+#: The run of each task that the dashboard tests query.
+RUNS = {"text-classification": "trained", "text-generation": "generated"}
+
+
 def panel_targets() -> list[Any]:
     params = []
     for path in DASHBOARDS:
@@ -154,9 +201,11 @@ def panel_targets() -> list[Any]:
                 for target in child.get("targets", []):
                     names = re.findall(r"\bkubetune_\w+", target["expr"])
                     gpu = bool(names) and all(BY_NAME[n].gpu for n in names)
-                    params.append(
-                        pytest.param(target["expr"], gpu, id=f"{path.stem}:{child['title']}:{target['refId']}")
-                    )
+                    where = f"{path.stem}:{child['title']}:{target['refId']}"
+                    params += [
+                        pytest.param(target["expr"], gpu, RUNS[task], id=f"{where}:{task}")
+                        for task in tasks_of(target["expr"])
+                    ]
     return params
 
 
@@ -165,15 +214,40 @@ def substitute(expr: str, name: str) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], expr)
 
 
-@pytest.mark.parametrize(("expr", "gpu"), panel_targets())
-def test_dashboard_query_returns_data(expr: str, gpu: bool, trained: Any, prometheus: Any) -> None:
-    """The panel's query, for the trained job, returns data from the real Prometheus."""
-    query = substitute(expr, trained.name)
+def test_every_panel_shows_some_task() -> None:
+    """Each panel query selects metrics some task's run pushes (a misspelt metric label would show nothing)."""
+    assert all(tasks_of(str(p.values[0])) for p in panel_targets()) and len(panel_targets()) > 30
+
+
+@pytest.mark.parametrize(("expr", "gpu", "run"), panel_targets())
+def test_dashboard_query_returns_data(
+    expr: str, gpu: bool, run: str, request: pytest.FixtureRequest, prometheus: Any
+) -> None:
+    """The panel's query, for the job of each task it shows, returns data from the real Prometheus."""
+    query = substitute(expr, request.getfixturevalue(run).name)
     if gpu and not _cuda():
         # Only a GPU run pushes kubetune_gpu_*: here the query must still be valid PromQL.
         assert prometheus.query_once(query) == []
         pytest.skip("GPU panel: returns data only for a job that trained on a GPU")
     assert prometheus.query(query, timeout=20), query
+
+
+def test_text_generation_scores_show_in_the_evaluation_panels(generated: Any, prometheus: Any) -> None:
+    """The causal LM's exact_match is among the scores (a fraction), its perplexity in its own panel (not a
+    fraction), both in the last evaluation; its throughput in tokens/s is above its samples/s."""
+    dashboard = load(ROOT / "charts" / "kubetune" / "dashboards" / "kubetune-job.json")
+    shown = {}
+    for panel in dashboard["panels"]:
+        if panel["title"] in ("Evaluation scores", "Perplexity", "Last evaluation"):
+            found = prometheus.query(substitute(panel["targets"][0]["expr"], generated.name), timeout=20)
+            shown[panel["title"]] = {r["metric"]["metric"]: float(r["value"][1]) for r in found}
+    assert set(shown["Evaluation scores"]) == {"exact_match"} and 0 <= shown["Evaluation scores"]["exact_match"] <= 1
+    assert set(shown["Perplexity"]) == {"perplexity"} and shown["Perplexity"]["perplexity"] >= 1
+    assert shown["Last evaluation"] == {**shown["Evaluation scores"], **shown["Perplexity"]}
+    assert generated.summary["metrics"]["evalPerplexity"] == pytest.approx(shown["Perplexity"]["perplexity"])
+    sel = f'namespace="{NAMESPACE}", finetunejob="{generated.name}"'
+    faster = f"kubetune_train_tokens_per_second{{{sel}}} > kubetune_train_samples_per_second{{{sel}}}"
+    assert prometheus.query(faster, timeout=20)
 
 
 def _cuda() -> bool:

@@ -5,6 +5,9 @@ under a ServiceAccount bound only to the chart's RBAC rules (fixtures in conftes
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,19 @@ from kubetune_operator.manifests import Owner, children
 from kubetune_operator.settings import OperatorSettings
 from tests.integration.conftest import Operator, committed, ftj, pods, status, wait_phase
 from tests.kube import JOB_IMAGE, apply, get, kubectl, wait_for
+from tests.models import build_tiny_llama, write_chats
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def chat_assets() -> Iterator[Path]:
+    """A tiny causal LM (ChatML template) and chat data, under /var/tmp as the `assets` fixture explains."""
+    base = Path(tempfile.mkdtemp(prefix="kubetune-operator-chat-", dir="/var/tmp"))
+    build_tiny_llama(base / "model")
+    write_chats(base / "data", train=200, validation=20)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_finetunejob_runs_to_succeeded(control_plane: Any, run: Any, namespace: str) -> None:
@@ -38,6 +52,42 @@ def test_finetunejob_runs_to_succeeded(control_plane: Any, run: Any, namespace: 
     assert {e["source"]["component"] for e in mine} == {"kubetune-operator"}
     # The operator writes only status: no finalizer, no bookkeeping annotations (deleting never needs it).
     assert not meta.get("finalizers") and not any("kubetune.io" in k for k in meta.get("annotations") or {})
+
+
+def test_text_generation_finetunejob_runs_to_succeeded(
+    control_plane: Any, operator: Operator, namespace: str, chat_assets: Path
+) -> None:
+    """A text-generation FineTuneJob (a LoRA adapter on a tiny causal LM, merged at the end) runs through the
+    operator to Succeeded: without spec.metrics the Eval column shows the task's default, perplexity, status
+    has the run's tokens/s, the checkpoints hold the adapter and the output the adapter and the merged model."""
+    doc = ftj(
+        "chat",
+        chat_assets,
+        task="text-generation",
+        adapter={"rank": 8},
+        hyperparameters={"learningRate": 1e-2},
+        checkpoints={"every": 10},
+        output={"merge": True},
+    )
+    done = apply(control_plane, doc, namespace=namespace)
+    assert done.returncode == 0, done.stderr
+    st = wait_phase(control_plane, namespace, "chat", "Succeeded", timeout=300)
+    # 200 conversations, 8 a step, one epoch.
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == 25 and st["progress"]["percent"] == 100
+    assert {"trainLoss", "evalLoss", "evalPerplexity"} <= set(st["metrics"]) and st["metrics"]["evalPerplexity"] >= 1
+    assert st["eval"] == f"perplexity={st['metrics']['evalPerplexity']:.4f}"
+    assert st["progress"]["tokensPerSecond"] > st["progress"]["samplesPerSecond"] > 0
+    row = kubectl(control_plane, "get", "ftj", "chat", "-n", namespace, "--no-headers").stdout.split()
+    assert row[:3] == ["chat", "Succeeded", "100"] and row[4] == st["eval"]
+    checkpoint = Path(doc["spec"]["checkpoints"]["uri"]) / f"checkpoint-{committed(doc)[-1]}"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (checkpoint / "model.safetensors").exists()
+    output = Path(st["outputUri"])
+    assert output == Path(doc["spec"]["output"]["uri"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "generation_config.json"} <= {
+        p.name for p in output.iterdir()
+    }
+    assert (output / "merged" / "model.safetensors").is_file() and (output / "merged" / "config.json").is_file()
 
 
 def test_image_outside_the_allowed_prefixes_is_invalid(control_plane: Any, run: Any, namespace: str) -> None:

@@ -69,6 +69,15 @@ def test_name_rule_sits_at_the_root() -> None:
     assert api.NAME_RULE in root["x-kubernetes-validations"]
 
 
+def test_cross_field_rules_sit_on_the_spec_beside_the_immutability_rules() -> None:
+    """Every rule that ties spec fields together (SPEC_RULES, FineTuneJobSpec._consistent's twin) is in the
+    CRD, and names the field to fix: without a fieldPath the API server reports it on `spec` alone."""
+    rules = SPEC["x-kubernetes-validations"]
+    assert [r for r in rules if r in api.SPEC_RULES] == api.SPEC_RULES
+    assert any("oldSelf" in r["rule"] for r in rules)
+    assert [r["message"] for r in api.SPEC_RULES if not r.get("fieldPath")] == []
+
+
 def write(tmp_path: Path, name: str, doc: Any) -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(doc) if not isinstance(doc, str) else doc)

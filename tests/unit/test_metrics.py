@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from kubetune_api.metrics import BY_NAME, CATALOG, GATEWAY_METRICS
+from kubetune_api.spec import EVAL_METRICS
 from kubetune_job.pushgateway import delete_group, group_url
 from tests.blackhole import blackhole as gateway_blackhole
 
@@ -525,6 +526,36 @@ def test_job_dashboard_shows_every_metric() -> None:
     """Each catalog metric appears in some panel of the Fine-tuning job dashboard."""
     text = " ".join(exprs(load(ROOT / "charts/kubetune/dashboards/kubetune-job.json")))
     assert [m.name for m in CATALOG if not re.search(rf"\b{m.name}\b", text)] == []
+
+
+#: Evaluation metrics that are not fractions (perplexity runs from 1 up): never shown in percent.
+UNBOUNDED = ("perplexity",)
+
+
+def shown_metrics(expr: str) -> set[str]:
+    """The evaluation metrics a query of kubetune_eval_metric shows, by its metric="..." or metric!="..."."""
+    if "kubetune_eval_metric" not in expr:
+        return set()
+    shown = set(EVAL_METRICS)
+    for op, name in re.findall(r'\bmetric\s*(!?=)\s*"(\w+)"', expr):
+        shown = shown & {name} if op == "=" else shown - {name}
+    return shown
+
+
+def test_job_dashboard_shows_every_tasks_scores_each_in_a_fitting_unit() -> None:
+    """Every task's evaluation metrics (accuracy... for classifiers, perplexity and exact_match for causal LMs)
+    show in some graph of the job dashboard; perplexity, not a fraction, never in a percent panel."""
+    graphs = [
+        p for p in panels(load(ROOT / "charts/kubetune/dashboards/kubetune-job.json")) if p["type"] == "timeseries"
+    ]
+    seen: set[str] = set()
+    for panel in graphs:
+        shown = {m for t in panel.get("targets", []) for m in shown_metrics(t["expr"])}
+        if panel["fieldConfig"]["defaults"].get("unit") == "percentunit":
+            assert not shown & set(UNBOUNDED), panel["title"]
+        seen |= shown
+    assert seen == set(EVAL_METRICS)
+    assert shown_metrics('kubetune_eval_metric{metric!="perplexity"}') == set(EVAL_METRICS) - {"perplexity"}
 
 
 def test_job_dashboard_selects_one_job_in_every_query() -> None:

@@ -272,6 +272,91 @@ def test_progress_is_read_from_the_jobs_pushgateway_group() -> None:
     assert parse_groups([other], "ml", "bert") is None
 
 
+def generation_spec(**changes: Any) -> Any:
+    """A text-generation spec (a LoRA adapter), with changes."""
+    body = {"task": "text-generation", "dataset": {"uri": "s3://data/chats/"}, "adapter": {}, **changes}
+    return spec(**body)
+
+
+def test_a_text_generation_job_without_metrics_shows_perplexity_in_the_eval_column() -> None:
+    """Empty spec.metrics means the task's defaults: the operator passes spec.eval_metrics, so a finished
+    text-generation run shows evalPerplexity in the Eval column, and its tokens/s in progress."""
+    summary = {
+        "phase": "Succeeded",
+        "finalStep": 50,
+        "totalSteps": 50,
+        "metrics": {"trainLoss": 1.2, "evalLoss": 0.7, "evalPerplexity": 2.0138},
+        "trainSamplesPerSecond": 12.5,
+        "trainTokensPerSecond": 402.0,
+        "outputUri": "s3://b/adapter/",
+    }
+    done = pod(
+        "Succeeded", containerStatuses=[{"state": {"terminated": {"exitCode": 0, "message": json.dumps(summary)}}}]
+    )
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    metrics = generation_spec().eval_metrics
+    assert metrics == ["perplexity"]
+    st = derive(job=job, pods=[done], metrics=metrics, generation=1, previous={}, now=NOW)
+    assert st["eval"] == "perplexity=2.0138" and st["metrics"]["evalPerplexity"] == 2.0138
+    assert st["progress"]["tokensPerSecond"] == 402.0 and st["progress"]["samplesPerSecond"] == 12.5
+    # A classifier's summary has no tokens/s: progress gets none.
+    del summary["trainTokensPerSecond"]
+    done["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = json.dumps(summary)
+    assert (
+        "tokensPerSecond"
+        not in derive(job=job, pods=[done], metrics=[], generation=1, previous={}, now=NOW)["progress"]
+    )
+
+
+def test_a_running_text_generation_job_shows_tokens_per_second_and_its_first_metric() -> None:
+    """While it runs, the Pushgateway group gives progress.tokensPerSecond and the live evaluation scores;
+    the Eval column shows the first of spec.metrics (exact_match here), by its API name."""
+    from kubetune_operator.progress import parse_groups
+
+    def gauge(*values: tuple[float, dict[str, str]]) -> dict[str, Any]:
+        return {"type": "GAUGE", "metrics": [{"labels": labels, "value": str(v)} for v, labels in values]}
+
+    group = {
+        "labels": {"job": "kubetune", "namespace": "ml", "finetunejob": "chat"},
+        "kubetune_train_global_step": gauge((20, {})),
+        "kubetune_train_total_steps": gauge((50, {})),
+        "kubetune_train_samples_per_second": gauge((12.5, {})),
+        "kubetune_train_tokens_per_second": gauge((402.25, {})),
+        "kubetune_train_loss": gauge((1.5, {})),
+        "kubetune_eval_metric": gauge((0.6, {"metric": "exact_match"}), (3.25, {"metric": "perplexity"})),
+    }
+    progress = parse_groups([group], "ml", "chat")
+    assert progress is not None and progress["tokensPerSecond"] == 402.25 and progress["percent"] == 40
+    metrics = generation_spec(
+        metrics=["exact_match", "perplexity"], evaluation={"generate": {"examples": 8}}
+    ).eval_metrics
+    job = {"metadata": {"name": "chat"}, "spec": {}, "status": {}}
+    st = derive(job=job, pods=[pod("Running")], metrics=metrics, generation=1, previous={}, now=NOW, progress=progress)
+    assert st["progress"]["tokensPerSecond"] == 402.25 and st["progress"]["samplesPerSecond"] == 12.5
+    assert st["metrics"] == {"trainLoss": 1.5, "evalExactMatch": 0.6, "evalPerplexity": 3.25}
+    assert st["eval"] == "exact_match=0.6000"
+
+
+def test_a_text_generation_job_carries_its_fields_to_the_pod() -> None:
+    """The adapter, evaluation, data format and merge reach the job in KUBETUNE_SPEC, defaults filled in."""
+    job = children(
+        OWNER,
+        generation_spec(
+            dataset={"uri": "s3://data/chats/", "format": "messages", "packing": True},
+            evaluation={"generate": {"examples": 8}},
+            metrics=["exact_match"],
+            output={"uri": "s3://models/bot/", "merge": True},
+        ),
+        OperatorSettings(checkpoint_root="s3://kubetune/runs", storage_endpoint="http://s3:8333"),
+    )[-1]
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    passed = json.loads(env["KUBETUNE_SPEC"]["value"])
+    assert passed["task"] == "text-generation" and passed["adapter"]["targetModules"] == ["all-linear"]
+    assert passed["evaluation"]["generate"] == {"examples": 8, "maxNewTokens": 128}
+    assert passed["dataset"]["format"] == "messages" and passed["dataset"]["packing"] is True
+    assert passed["output"]["merge"] is True and passed["metrics"] == ["exact_match"]
+
+
 def test_a_refusal_from_before_the_job_last_started_is_not_reported() -> None:
     """Only FailedCreate Events since the Job's startTime (set anew at each resume) explain a wait; the
     newest wins, whether it carries a lastTimestamp or only an eventTime."""
