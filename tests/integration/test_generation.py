@@ -367,3 +367,26 @@ def test_base_model_from_s3_is_checked_and_downloaded_once_per_pod(
     assert again["stepsThisRun"] == 0 and again["attempt"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in downloaded.iterdir()} == stamps  # nothing fetched again
     assert f"{downloaded} already holds s3://{bucket}/base/llama/" in jobrun.log_tail(tmp_path, 10**6)
+
+
+def test_a_changed_model_listing_replaces_the_whole_download(s3: Any, tmp_path: Path) -> None:
+    """A model re-uploaded with other files (shards instead of one file, say) is fetched afresh: no file of the
+    earlier download that the new listing lacks is left beside the new ones, where a loader would find it."""
+    import obstore
+
+    from kubetune_job.storage import DOWNLOADED, S3Storage, StorageOptions, download_prefix
+
+    bucket = f"kt-{secrets.token_hex(4)}"
+    s3.create_bucket(bucket)
+    store = s3.store(bucket)
+    obstore.put(store, "base/m/config.json", b"{}")
+    obstore.put(store, "base/m/model.safetensors", b"old weights")
+    storage = S3Storage(f"s3://{bucket}/base/m/", StorageOptions(), env=s3.env())
+    target = tmp_path / "model"
+    download_prefix(storage, "", target)
+    assert sorted(p.name for p in target.iterdir()) == [DOWNLOADED, "config.json", "model.safetensors"]
+
+    obstore.delete(store, "base/m/model.safetensors")
+    obstore.put(store, "base/m/model-00001-of-00001.safetensors", b"new weights")
+    download_prefix(storage, "", target)
+    assert sorted(p.name for p in target.iterdir()) == [DOWNLOADED, "config.json", "model-00001-of-00001.safetensors"]
