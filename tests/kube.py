@@ -63,7 +63,7 @@ def install_crd(plane: Any) -> None:
     def established() -> bool:
         conditions = (get_cluster_scoped(plane, "crd", "finetunejobs.kubetune.io") or {}).get("status", {})
         return any(
-            c.get("type") == "Established" and c.get("status") == "True" for c in conditions.get("conditions", [])
+            c.get("type") == "Established" and c.get("status") == "True" for c in conditions.get("conditions") or []
         )
 
     wait_for("the CRD to be Established", established, timeout=60)

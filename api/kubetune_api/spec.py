@@ -721,7 +721,7 @@ SPEC_RULES: list[JsonDict] = [
         "rule": "!has(self.metrics) || !self.metrics.exists(m, "
         f"{_in('m', GENERATED_METRICS)}) || (has(self.evaluation) && has(self.evaluation.generate))",
         "message": f"{', '.join(GENERATED_METRICS)} scores generated answers: set spec.evaluation.generate",
-        "fieldPath": ".metrics",
+        "fieldPath": ".evaluation.generate",
     },
     {
         "rule": f"{GENERATION} || (!has(self.adapter) && !has(self.evaluation))",
