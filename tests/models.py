@@ -131,3 +131,31 @@ def build_tiny_llama(directory: Path, *, template: str | None = CHATML) -> Path:
     LlamaForCausalLM(config).save_pretrained(str(directory))
     fast.save_pretrained(str(directory))
     return directory
+
+
+def write_preferences(
+    directory: Path, *, train: int = 200, validation: int = 40, seed: int = 0, chat_turns: bool = True
+) -> Path:
+    """Preference pairs as jsonl with an explicit prompt: the chat() answer is chosen over one with the wrong
+    colour or animal (the tiny Llama's words), as chat turns (TRL's conversational format) or as text."""
+    import json
+
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("validation", validation)):
+        with (directory / f"{split}.jsonl").open("w") as f:
+            for _ in range(n):
+                colour, animal = rng.choice(COLOURS), rng.choice(ANIMALS)
+                prompt, answer = chat(colour, animal)
+                if rng.random() < 0.5:
+                    colour = rng.choice([c for c in COLOURS if c != colour])
+                else:
+                    animal = rng.choice([a for a in ANIMALS if a != animal])
+                wrong = chat(colour, animal)[1]
+                if chat_turns:
+                    record: dict[str, object] = {"prompt": [prompt], "chosen": [answer], "rejected": [wrong]}
+                else:
+                    record = {"prompt": prompt["content"], "chosen": " " + answer["content"],
+                              "rejected": " " + wrong["content"]}  # fmt: skip
+                f.write(json.dumps(record) + "\n")
+    return directory

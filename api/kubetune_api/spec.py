@@ -31,20 +31,38 @@ API_VERSION = "kubetune.io/v1alpha1"
 KIND = "FineTuneJob"
 
 #: Tasks the job knows; each name has an implementation in kubetune_job.tasks.
-TASKS = ("text-classification", "text-generation")
-#: The evaluation metrics of each task. Every one but perplexity (exp of the evaluation loss) is a metric
-#: module shipped with the job (kubetune_job/metric_modules/<name>/<name>.py).
+TASKS = ("text-classification", "text-generation", "preference")
+#: The tasks that fine-tune a causal language model (adapters, chat templates).
+LLM_TASKS = ("text-generation", "preference")
+#: Preference metrics: the implicit rewards beta * log(policy / reference) of the chosen and rejected answers,
+#: the fraction of pairs whose chosen reward is the higher, and the mean margin between the two.
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+#: The evaluation metrics of each task. Metrics the trainer computes itself are TRAINER_METRICS; every other
+#: one is a metric module shipped with the job (kubetune_job/metric_modules/<name>/<name>.py).
 TASK_METRICS = {
     "text-classification": ("accuracy", "f1", "precision", "recall", "matthews_correlation"),
     "text-generation": ("perplexity", "exact_match"),
+    "preference": PREFERENCE_METRICS,
 }
+TRAINER_METRICS = ("perplexity", *PREFERENCE_METRICS)
 EVAL_METRICS = tuple(m for metrics in TASK_METRICS.values() for m in metrics)
 #: What an empty spec.metrics means for each task.
-DEFAULT_METRICS = {"text-classification": ("accuracy", "f1"), "text-generation": ("perplexity",)}
+DEFAULT_METRICS = {
+    "text-classification": ("accuracy", "f1"),
+    "text-generation": ("perplexity",),
+    "preference": PREFERENCE_METRICS,
+}
 #: Metrics that score generated text: they need spec.evaluation.generate.
 GENERATED_METRICS = ("exact_match",)
 #: Tokens per example after truncation when spec.dataset.maxLength is not set.
-DEFAULT_MAX_LENGTH = {"text-classification": 128, "text-generation": 1024}
+DEFAULT_MAX_LENGTH = {"text-classification": 128, "text-generation": 1024, "preference": 1024}
+#: Preference-tuning methods (spec.preference.method) and the losses of TRL's DPOTrainer (spec.preference.loss);
+#: a unit test keeps the losses in step with the TRL release the job installs.
+PREFERENCE_METHODS = ("dpo",)
+PREFERENCE_LOSSES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
 #: Data formats of text-generation datasets (spec.dataset.format).
 DATA_FORMATS = ("messages", "prompt-completion", "text")
 #: The longest chat template spec.dataset.chatTemplate takes (Jinja; real ones run to a few thousand characters).
@@ -460,6 +478,12 @@ class Adapter(Model):
         "but the output head.",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
+    init: Literal["continue", "new"] | None = Field(
+        None,
+        description="When spec.model.uri holds a saved adapter (a FineTuneJob's output): continue training that "
+        "adapter (the default; its own rank, alpha and target modules apply), or new: merge it into its base model "
+        "and train a new adapter on the result. A model without an adapter always gets a new one.",
+    )
 
     _targets = field_validator("target_modules")(distinct("targetModules lists a module twice"))
 
@@ -474,6 +498,24 @@ class Generation(Model):
 
     examples: int = Field(64, ge=1, le=100000, description="Evaluation prompts to generate answers for.")
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Longest answer generated.")
+
+
+class Preference(Model):
+    """Preference tuning on (prompt, chosen, rejected) pairs."""
+
+    method: Literal[PREFERENCE_METHODS] = Field(  # type: ignore[valid-type]
+        "dpo", description="dpo: Direct Preference Optimization (TRL's DPOTrainer)."
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="How far the model may move from its reference (the starting model): higher stays closer. "
+        "For loss ipo, the regularisation parameter tau.",
+    )
+    loss: Literal[PREFERENCE_LOSSES] = Field(  # type: ignore[valid-type]
+        "sigmoid", description="The DPO loss variant, by TRL's name: sigmoid is the original DPO loss."
+    )
 
 
 class Evaluation(Model):
@@ -536,7 +578,8 @@ class Hyperparameters(Model):
     extra: dict[str, Any] = Field(
         {},
         max_length=MAX_ITEMS,
-        description="Other TrainingArguments keys (snake_case; TRL SFTConfig keys too for text-generation), checked "
+        description="Other TrainingArguments keys (snake_case; TRL's SFTConfig keys too for text-generation, DPOConfig "
+        "keys for preference), checked "
         "against them before training. "
         f"A value is a scalar, or maps and lists nested at most {EXTRA_DEPTH} levels.",
         json_schema_extra={"additionalProperties": free_form(EXTRA_DEPTH)},
@@ -707,12 +750,28 @@ def _in(var: str, values: tuple[str, ...]) -> str:
     return f"{var} in [{', '.join(cel_string(v) for v in values)}]"
 
 
+def _task_is(task: str) -> str:
+    """CEL: the spec's task is `task` (an absent task is the default, text-classification)."""
+    if task == TASKS[0]:
+        return f"(!has(self.task) || self.task == {cel_string(task)})"
+    return f"(has(self.task) && self.task == {cel_string(task)})"
+
+
+def _per_task(var: str, allowed: Mapping[str, tuple[str, ...]]) -> str:
+    """CEL: `var` is one of the values `allowed` lists for the spec's task."""
+    *rest, (_, last) = allowed.items()
+    out = _in(var, last)
+    for task, values in reversed(rest):
+        out = f"({_task_is(task)} ? {_in(var, values)} : {out})"
+    return out
+
+
 #: The rules that tie one spec field to another, as CEL (FineTuneJobSpec._consistent enforces the same).
-GENERATION = "(has(self.task) && self.task == 'text-generation')"
+GENERATION = _task_is("text-generation")
+LLM = f"(has(self.task) && {_in('self.task', LLM_TASKS)})"
 SPEC_RULES: list[JsonDict] = [
     {
-        "rule": f"!has(self.metrics) || self.metrics.all(m, {GENERATION} ? "
-        f"{_in('m', TASK_METRICS['text-generation'])} : {_in('m', TASK_METRICS['text-classification'])})",
+        "rule": f"!has(self.metrics) || self.metrics.all(m, {_per_task('m', TASK_METRICS)})",
         "message": "every metric must be one of the task's: "
         + "; ".join(f"{task}: {', '.join(ms)}" for task, ms in TASK_METRICS.items()),
         "fieldPath": ".metrics",
@@ -724,22 +783,38 @@ SPEC_RULES: list[JsonDict] = [
         "fieldPath": ".evaluation.generate",
     },
     {
-        "rule": f"{GENERATION} || (!has(self.adapter) && !has(self.evaluation))",
-        "message": "adapter and evaluation are text-generation fields: set task: text-generation or remove them",
-        "fieldPath": ".task",
+        "rule": f"{LLM} || !has(self.adapter)",
+        "message": f"adapter is a field of the LLM tasks ({', '.join(LLM_TASKS)}): set one of them as task or "
+        "remove adapter",
+        "fieldPath": ".adapter",
     },
     {
-        "rule": f"{GENERATION} || (!has(self.dataset.format) && !has(self.dataset.chatTemplate) && "
-        "(!has(self.dataset.packing) || !self.dataset.packing))",
-        "message": "dataset.format, dataset.chatTemplate and dataset.packing are text-generation fields: set "
-        "task: text-generation or remove them",
+        "rule": f"{GENERATION} || !has(self.evaluation)",
+        "message": "evaluation is a text-generation field: set task: text-generation or remove it",
+        "fieldPath": ".evaluation",
+    },
+    {
+        "rule": f"{GENERATION} || (!has(self.dataset.format) && (!has(self.dataset.packing) || !self.dataset.packing))",
+        "message": "dataset.format and dataset.packing are text-generation fields: set task: text-generation or "
+        "remove them",
         "fieldPath": ".dataset",
+    },
+    {
+        "rule": f"{LLM} || !has(self.dataset.chatTemplate)",
+        "message": f"dataset.chatTemplate is a field of the LLM tasks ({', '.join(LLM_TASKS)}): set one of them as "
+        "task or remove it",
+        "fieldPath": ".dataset.chatTemplate",
     },
     {
         "rule": "!has(self.output) || !has(self.output.merge) || !self.output.merge || has(self.adapter)",
         "message": "output.merge merges an adapter into its base model: set spec.adapter, or remove merge (a full "
         "fine-tune's output is already a whole model)",
         "fieldPath": ".output.merge",
+    },
+    {
+        "rule": f"{_task_is('preference')} || !has(self.preference)",
+        "message": "preference is the field of task: preference: set that task or remove it",
+        "fieldPath": ".preference",
     },
 ]
 
@@ -753,10 +828,15 @@ class FineTuneJobSpec(Model):
     task: Literal[TASKS] = Field("text-classification", description="What the model learns to do.")  # type: ignore[valid-type]
     dataset: DatasetSource = Field(description="The training and evaluation data.")
     adapter: Adapter | None = Field(
-        None, description="text-generation: train a LoRA/QLoRA adapter instead of every weight (omit: full fine-tune)."
+        None,
+        description="text-generation and preference: train a LoRA/QLoRA adapter instead of every weight (omit: full "
+        "fine-tune).",
     )
     evaluation: Evaluation | None = Field(
         None, description="text-generation: evaluation beyond loss and perplexity (generated answers)."
+    )
+    preference: Preference | None = Field(
+        None, description="preference: the method, beta and loss (omit: DPO, beta 0.1, the sigmoid loss)."
     )
     hyperparameters: Hyperparameters = Field(Hyperparameters(), description="Training arguments.")
     metrics: list[Literal[EVAL_METRICS]] = Field(  # type: ignore[valid-type]
@@ -791,7 +871,7 @@ class FineTuneJobSpec(Model):
     @model_validator(mode="after")
     def _consistent(self) -> FineTuneJobSpec:
         """SPEC_RULES, each naming the field to fix."""
-        generation = self.task == "text-generation"
+        generation, llm = self.task == "text-generation", self.task in LLM_TASKS
         wrong = [m for m in self.metrics if m not in TASK_METRICS[self.task]]
         if wrong:
             raise field_error(
@@ -801,19 +881,29 @@ class FineTuneJobSpec(Model):
         generated = [m for m in self.metrics if m in GENERATED_METRICS]
         if generated and (self.evaluation is None or self.evaluation.generate is None):
             raise field_error("spec.evaluation.generate", f"{', '.join(generated)} scores generated answers: set it")
-        if not generation and (self.adapter is not None or self.evaluation is not None):
-            raise field_error("spec.task", SPEC_RULES[2]["message"])  # type: ignore[arg-type]
         ds = self.dataset
-        if not generation and (ds.format is not None or ds.chat_template is not None or ds.packing):
-            raise field_error("spec.dataset", SPEC_RULES[3]["message"])  # type: ignore[arg-type]
-        if self.output.merge and self.adapter is None:
-            raise field_error("spec.output.merge", SPEC_RULES[4]["message"])  # type: ignore[arg-type]
+        broken = [
+            (not llm and self.adapter is not None, "spec.adapter"),
+            (not generation and self.evaluation is not None, "spec.evaluation"),
+            (not generation and (ds.format is not None or ds.packing), "spec.dataset"),
+            (not llm and ds.chat_template is not None, "spec.dataset.chatTemplate"),
+            (self.output.merge and self.adapter is None, "spec.output.merge"),
+            (self.task != "preference" and self.preference is not None, "spec.preference"),
+        ]
+        for (wrong_here, field), rule in zip(broken, SPEC_RULES[2:], strict=True):
+            if wrong_here:
+                raise field_error(field, rule["message"])  # type: ignore[arg-type]
         return self
 
     @property
     def eval_metrics(self) -> list[str]:
         """The metrics evaluated: spec.metrics, or the task's defaults when it is empty."""
         return list(self.metrics or DEFAULT_METRICS[self.task])
+
+    @property
+    def preference_settings(self) -> Preference:
+        """spec.preference, or its defaults."""
+        return self.preference or Preference()
 
     @property
     def max_length(self) -> int:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kubetune_api.spec import FineTuneJobSpec, Hyperparameters
+from kubetune_api.spec import LLM_TASKS, FineTuneJobSpec, Hyperparameters
 
 from .errors import ConfigError
 
@@ -68,6 +68,9 @@ MANAGED = {
     "model_init_kwargs": "model",
     "trust_remote_code": "model.trustRemoteCode",
     "pad_to_multiple_of": "hyperparameters.padToMultipleOf",
+    # preference (TRL's DPOConfig)
+    "beta": "preference.beta",
+    "loss_type": "preference.loss",
 }
 
 #: Data-loading processes per training process on a GPU: collation and pinning overlap the GPU's work.
@@ -144,9 +147,20 @@ def global_batch(hp: Hyperparameters, *, processes: int) -> int:
     return hp.batch_size * hp.gradient_accumulation_steps * processes
 
 
-def generation_arguments(spec: FineTuneJobSpec, *, cuda: bool) -> dict[str, Any]:
-    """The SFTConfig keys of a text-generation job beyond TrainingArguments' (pure). The loss-masking keys
-    (assistant_only_loss, completion_only_loss) depend on the data and the chat template: tasks.py sets them."""
+def llm_arguments(spec: FineTuneJobSpec, *, cuda: bool) -> dict[str, Any]:
+    """The SFTConfig (text-generation) or DPOConfig (preference) keys beyond TrainingArguments' (pure). The
+    loss-masking keys of SFT (assistant_only_loss, completion_only_loss) depend on the data and the chat template:
+    tasks.py sets them."""
+    if spec.task == "preference":
+        settings = spec.preference_settings
+        return {
+            "max_length": spec.max_length,
+            "beta": settings.beta,
+            "loss_type": [settings.loss],
+            "pad_to_multiple_of": pad_multiple(spec.hyperparameters, cuda=cuda),
+            # tokens/s: the chosen and the rejected sequence of each pair, padding excluded
+            "include_num_input_tokens_seen": "non_padding",
+        }
     ds = spec.dataset
     return {
         "max_length": spec.max_length,
@@ -163,10 +177,10 @@ def generation_arguments(spec: FineTuneJobSpec, *, cuda: bool) -> dict[str, Any]
 
 
 def gradient_checkpointing(spec: FineTuneJobSpec) -> bool:
-    """hyperparameters.gradientCheckpointing; by default on for text-generation (as TRL does: a causal LM's
+    """hyperparameters.gradientCheckpointing; by default on for the LLM tasks (as TRL does: a causal LM's
     activations dominate its memory) and off for text-classification."""
     hp = spec.hyperparameters
-    return hp.gradient_checkpointing if hp.gradient_checkpointing is not None else spec.task == "text-generation"
+    return hp.gradient_checkpointing if hp.gradient_checkpointing is not None else spec.task in LLM_TASKS
 
 
 def arguments(
@@ -209,7 +223,7 @@ def arguments(
         "torch_compile": hp.compile,
         "activation_checkpointing": gradient_checkpointing(spec),
         **fast_path(cuda=cuda, tf32=tf32, processes=processes),
-        **(generation_arguments(spec, cuda=cuda) if spec.task == "text-generation" else {}),
+        **(llm_arguments(spec, cuda=cuda) if spec.task in LLM_TASKS else {}),
     }
     kwargs.update(hp.extra)
     if not kwargs.get("dataloader_num_workers"):  # extra turned the workers off: there are none to keep
@@ -218,11 +232,15 @@ def arguments(
 
 
 def arguments_class(task: str) -> Any:
-    """TrainingArguments, or TRL's SFTConfig (a subclass) for text-generation."""
+    """TrainingArguments, or its TRL subclass: SFTConfig for text-generation, DPOConfig for preference."""
     if task == "text-generation":
         from trl import SFTConfig
 
         return SFTConfig
+    if task == "preference":
+        from trl import DPOConfig
+
+        return DPOConfig
     from transformers import TrainingArguments
 
     return TrainingArguments
@@ -239,7 +257,7 @@ def check_adapter(spec: FineTuneJobSpec, *, cuda: bool) -> None:
 
 
 def training_arguments(spec: FineTuneJobSpec, *, output_dir: Path, has_eval: bool) -> Any:
-    """Validated TrainingArguments (SFTConfig for text-generation); called before any model or data is loaded."""
+    """Validated TrainingArguments (a TRL config for the LLM tasks); called before any model or data is loaded."""
     import torch
 
     config = arguments_class(spec.task)

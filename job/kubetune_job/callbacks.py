@@ -119,7 +119,9 @@ class CommitCheckpoints(TrainerCallback):
 class RunAccount(TrainerCallback, ExportableState):
     """Counts the optimizer steps and the training samples this process trained on, to prove that a
     resume repeated and skipped none. Samples are counted as the model sees them (a forward hook in
-    training mode), so batches the data loader prefetched but never trained on do not count.
+    training mode, with gradients: a preference task's reference pass does not count), so batches the data
+    loader prefetched but never trained on do not count. inputs_per_example: sequences the model reads per
+    training example (a preference pair is two, chosen and rejected).
 
     It also keeps the run's record across attempts (summary.Lineage): as an ExportableState its record
     goes into every checkpoint's trainer_state.json, which the commit manifest covers, and a resumed
@@ -127,7 +129,8 @@ class RunAccount(TrainerCallback, ExportableState):
     states stays off (training.MANAGED): it would replace this instance with a new one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, inputs_per_example: int = 1) -> None:
+        self.inputs_per_example = inputs_per_example
         self.steps = 0
         self.total_steps = 0
         self.samples = 0
@@ -150,7 +153,9 @@ class RunAccount(TrainerCallback, ExportableState):
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if module.training:
+        import torch
+
+        if module.training and torch.is_grad_enabled():
             name = getattr(module, "main_input_name", "input_ids")
             batch = kwargs.get(name, args[0] if args else None)
             self.samples += len(batch) if batch is not None else 0
@@ -161,7 +166,7 @@ class RunAccount(TrainerCallback, ExportableState):
     @property
     def run_samples(self) -> int:
         """Samples all processes trained on in this attempt (each process sees as many)."""
-        return self.samples * self.world_size
+        return self.samples // self.inputs_per_example * self.world_size
 
     def state(self) -> dict[str, Any]:
         """The record a checkpoint saved now carries (called by the Trainer as it saves one)."""

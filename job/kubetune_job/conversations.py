@@ -1,5 +1,5 @@
-"""Text-generation data: which format a dataset is in, whether every record is well formed, and what TRL's
-SFTTrainer is given to train on and what the generation evaluation prompts with.
+"""LLM data: which format a text-generation dataset is in, whether every record (of preference pairs too) is
+well formed, and what TRL's SFTTrainer is given to train on and what the generation evaluation prompts with.
 
 The checks are pure functions over records (a record's index and what is wrong with it); the DataError
 they raise names the spec field and the record, so a bad dataset fails the job at once with the permanent
@@ -17,8 +17,13 @@ from .errors import DataError
 
 #: Chat roles a messages record may use.
 ROLES = ("system", "user", "assistant", "tool")
-#: The columns each format reads.
-COLUMNS = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"), "text": ("text",)}
+#: The columns each format reads (preference: the preference task's pairs).
+COLUMNS = {
+    "messages": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+}
 #: The spec field that names each split.
 SPLIT_FIELDS = {"train": "spec.dataset.trainSplit", "eval": "spec.dataset.evalSplit"}
 #: Records named in one error at most.
@@ -48,13 +53,14 @@ def detect_format(columns: Sequence[str], requested: str | None) -> str:
     return shown
 
 
-def check_eval_columns(columns: Sequence[str], fmt: str, split: str) -> None:
-    """The evaluation split has the columns of the training split's format."""
+def check_columns(columns: Sequence[str], fmt: str, split: str, which: str = "eval") -> None:
+    """A split has the columns of the format (for the evaluation split: the training split's format)."""
     missing = [c for c in COLUMNS[fmt] if c not in columns]
     if missing:
+        whose = "the training data's format" if which == "eval" else "the format"
         raise DataError(
-            SPLIT_FIELDS["eval"],
-            f"split {split!r} lacks the column(s) {', '.join(missing)} that the training data's format {fmt} reads "
+            SPLIT_FIELDS[which],
+            f"split {split!r} lacks the column(s) {', '.join(missing)} that {whose} {fmt} reads "
             f"(columns: {', '.join(columns) or 'none'})",
         )
 
@@ -94,6 +100,33 @@ def pair_problem(prompt: Any, completion: Any) -> str | None:
     return None
 
 
+def answer_text(answer: Any) -> str:
+    """The text of an answer: itself, or its turns' contents (pure; the record checks ran first)."""
+    return answer if isinstance(answer, str) else "".join(t["content"] for t in answer)
+
+
+def preference_problem(prompt: Any, chosen: Any, rejected: Any) -> str | None:
+    """What is wrong with one preference pair, or None: a prompt and two answers, all text or all turns."""
+    values = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    for name, value in values.items():
+        if value is None:
+            return f"{name} is missing"
+        if isinstance(value, list):
+            problem = turns_problem(value, answered=name != "prompt", name=name)
+            if problem:
+                return problem
+        elif not isinstance(value, str):
+            return f"{name} is {type(value).__name__}, not text or a list of turns"
+    if len({isinstance(v, list) for v in values.values()}) > 1:
+        return "prompt, chosen and rejected must all be text or all be lists of turns"
+    for name in ("chosen", "rejected"):
+        if not answer_text(values[name]).strip():
+            return f"{name} is empty"
+    if chosen == rejected:
+        return "chosen and rejected are the same answer: the pair prefers nothing"
+    return None
+
+
 def text_problem(text: Any) -> str | None:
     """What is wrong with one text record, or None."""
     if not isinstance(text, str) or not text.strip():
@@ -109,6 +142,8 @@ def record_problems(records: Iterable[Mapping[str, Any]], fmt: str) -> list[tupl
             problem = turns_problem(record.get("messages"))
         elif fmt == "prompt-completion":
             problem = pair_problem(record.get("prompt"), record.get("completion"))
+        elif fmt == "preference":
+            problem = preference_problem(record.get("prompt"), record.get("chosen"), record.get("rejected"))
         else:
             problem = text_problem(record.get("text"))
         if problem:

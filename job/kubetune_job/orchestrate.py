@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune_api.exit_codes import ExitCode
 from kubetune_api.settings import JobSettings, local_checkpoints
-from kubetune_api.spec import FineTuneJobSpec, SpecError
+from kubetune_api.spec import HUB_ID, FineTuneJobSpec, SpecError, matches
 from kubetune_api.summary import Summary
 
 from .checkpoints import CheckpointStore, checkpoint_dir
@@ -29,31 +30,104 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The file that marks a saved PEFT adapter.
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """What the job starts from: a base model and, when spec.model.uri holds a saved adapter, that adapter."""
+
+    #: The base model: a local directory or a Hub id.
+    path: str
+    #: The spec field that names it, for errors.
+    field: str
+    #: from_pretrained keyword arguments (revision, trust_remote_code).
+    hub: dict[str, Any]
+    #: The base model as the spec (or the saved adapter's config) names it: a Hub id, an s3:// URI or a path.
+    #: An adapter this job writes records it as its base.
+    reference: str
+    #: A saved adapter (a directory with adapter_config.json) to continue training or merge into the base.
+    adapter: str | None = None
+
+    @property
+    def tokenizer(self) -> str:
+        """Where the tokenizer is read: the saved adapter's directory when it holds one (a FineTuneJob's output
+        does, with its chat template), else the base model."""
+        if self.adapter and (Path(self.adapter) / "tokenizer_config.json").is_file():
+            return self.adapter
+        return self.path
+
+
+def saved_adapter_base(config: dict[str, Any]) -> tuple[str, str | None]:
+    """(base model, revision) an adapter_config.json names (pure)."""
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise ModelError(
+            "spec.model.uri",
+            "the adapter's adapter_config.json names no base model (base_model_name_or_path): set it to the base "
+            "model's Hub id, s3:// URI or path",
+        )
+    revision = config.get("revision")
+    return base, revision if isinstance(revision, str) and revision else None
+
+
+def model_directory(uri: str, target: Path, *, download: bool, options: StorageOptions | None, what: str) -> Path:
+    """The local directory of a model at `uri` (an s3:// prefix is downloaded into target), holding a saved
+    model (config.json) or a saved adapter (adapter_config.json)."""
+    if is_remote(uri):
+        if download:
+            download_prefix(open_storage(uri, options, field="spec.model.uri"), "", target)
+        if not target.is_dir() or not any(target.iterdir()):
+            raise ModelError("spec.model.uri", f"no files under {uri}{what}")
+        path = target
+    else:
+        path = local_path(uri)
+    if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+        found = "does not exist" if not path.exists() else "has neither config.json nor adapter_config.json"
+        raise ModelError(
+            "spec.model.uri",
+            f"{path}{what} {found}; give a directory holding a saved model (config.json) or a saved adapter "
+            "(adapter_config.json, as a text-generation FineTuneJob with an adapter writes)",
+        )
+    return path
+
 
 def model_source(
     spec: FineTuneJobSpec, work_dir: Path, *, download: bool = True, options: StorageOptions | None = None
-) -> tuple[str, str, dict[str, Any]]:
-    """(path or Hub id, spec field, from_pretrained keyword arguments) of the base model.
+) -> Pretrained:
+    """The base model (a path or Hub id) with its from_pretrained keyword arguments, and the saved adapter when
+    spec.model.uri holds one: its base model is the one its adapter_config.json names, resolved as spec.model
+    is (a Hub id, an s3:// URI or a path).
 
     download=False: another process of this pod has downloaded it into work_dir already.
     """
+    import json
+
     m = spec.model
+    hub: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
     if m.id:
-        return m.id, "spec.model.id", {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
+        return Pretrained(m.id, "spec.model.id", {**hub, "revision": m.revision}, m.id)
     assert m.uri is not None  # the spec guarantees exactly one of id/uri
-    hub = {"trust_remote_code": m.trust_remote_code}
-    if is_remote(m.uri):
-        target = work_dir / "model"
-        if download:
-            download_prefix(open_storage(m.uri, options, field="spec.model.uri"), "", target)
-        if not target.is_dir() or not any(target.iterdir()):
-            raise ModelError("spec.model.uri", f"no files under {m.uri}")
-        return str(target), "spec.model.uri", hub
-    path = local_path(m.uri)
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
-        raise ModelError("spec.model.uri", f"{path} {what}; give a directory holding a saved model (config.json)")
-    return str(path), "spec.model.uri", hub
+    path = model_directory(m.uri, work_dir / "model", download=download, options=options, what="")
+    if (path / "config.json").is_file():
+        return Pretrained(str(path), "spec.model.uri", hub, m.uri)
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError("spec.model.uri", f"cannot read {ADAPTER_CONFIG} of {m.uri}: {e}") from None
+    base, revision = saved_adapter_base(config if isinstance(config, dict) else {})
+    named = f" (the base model that {m.uri}/{ADAPTER_CONFIG} names)"
+    if "://" in base or Path(base).is_dir() or not matches(HUB_ID, base):  # else a Hub id
+        base_path = model_directory(base, work_dir / "base", download=download, options=options, what=named)
+        if not (base_path / "config.json").is_file():
+            raise ModelError(
+                "spec.model.uri",
+                f"{base}{named} is itself an adapter: start from an output with a merged model (output.merge) or "
+                "name a whole model as the adapter's base",
+            )
+        return Pretrained(str(base_path), "spec.model.uri", hub, base, adapter=str(path))
+    return Pretrained(base, "spec.model.uri", {**hub, "revision": revision or "main"}, base, adapter=str(path))
 
 
 def dataset_splits(
@@ -158,12 +232,12 @@ def run(
     task = IMPLEMENTATIONS[spec.task]
     hp = spec.hyperparameters
     with local_main_first():  # one download and one tokenization per pod, however many processes
-        source, field, hub = model_source(spec, work, download=is_local_main(), options=opts)
-        tokenizer = task.load_tokenizer(source, field, spec, **hub)
+        pretrained = model_source(spec, work, download=is_local_main(), options=opts)
+        tokenizer = task.load_tokenizer(pretrained, spec)
         splits = dataset_splits(spec, work, download=is_local_main(), options=opts)
         prepared = task.prepare(splits, tokenizer, spec, work / "cache")
     set_seed(hp.seed)  # a new classification head or adapter is initialised at load: part of what the seed fixes
-    model = task.load_model(source, prepared, field, spec=spec, precision=precision_of(args), **hub)
+    model = task.load_model(pretrained, prepared, spec=spec, precision=precision_of(args))
     log.info(
         "global batch %d: batchSize %d x %d processes x %d accumulation steps",
         global_batch(hp, processes=args.world_size), hp.batch_size, args.world_size, hp.gradient_accumulation_steps,
@@ -175,7 +249,7 @@ def run(
             store.fetch(resumed, staging)
     if resumed is not None:
         log.info("resuming from checkpoint-%d of %s", resumed, checkpoints_uri)
-    account = RunAccount()
+    account = RunAccount(task.inputs_per_example)
     commit = CommitCheckpoints(store, spool=work / "uploading", deadline=preemption.deadline)
     with local_main_first():  # TRL tokenizes in the Trainer: once per pod, the others read the cache
         trainer = task.trainer(
@@ -239,14 +313,21 @@ def run(
         labels=prepared.labels or None,
     )
     if trainer.is_world_process_zero():
-        card = model_card(name=settings.name, spec=spec, details=task.card(spec, prepared), metrics=metrics, steps=step)
+        card = model_card(
+            name=settings.name,
+            spec=spec,
+            base=pretrained.reference,
+            details=task.card(spec, prepared, pretrained),
+            metrics=metrics,
+            steps=step,
+        )
         save(
             trainer,
             tokenizer,
             output,
             card=card,
             metrics={**summary.wire(), "warnings": None},
-            extra=lambda out: task.save_extra(trainer, tokenizer, out, spec=spec, source=source, **hub),
+            extra=lambda out: task.save_extra(trainer, tokenizer, out, spec=spec, pretrained=pretrained),
         )
     return summary
 

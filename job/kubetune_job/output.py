@@ -43,9 +43,10 @@ Fine-tuned by kubetune from `{base}` for {task} on `{dataset}`.
 
 
 def model_card(
-    *, name: str, spec: FineTuneJobSpec, details: dict[str, str], metrics: dict[str, float], steps: int
+    *, name: str, spec: FineTuneJobSpec, base: str, details: dict[str, str], metrics: dict[str, float], steps: int
 ) -> str:
-    """A short Hugging Face model card (README.md) with the results and settings of the run."""
+    """A short Hugging Face model card (README.md) with the results and settings of the run. base: the base model
+    as the spec names it (or, for a saved adapter the spec starts from, as its config names it)."""
     hp = spec.hyperparameters
     ds = spec.dataset
     dataset = ds.id + (f" ({ds.config})" if ds.config else "") if ds.id else str(ds.uri)
@@ -61,7 +62,7 @@ def model_card(
     }
     return CARD.format(
         name=name,
-        base=spec.model.id or spec.model.uri,
+        base=base,
         task=spec.task,
         dataset=dataset,
         details="\n".join(f"| {k} | {v} |" for k, v in details.items()),

@@ -13,11 +13,14 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune_api.spec import Adapter, FineTuneJobSpec
 
 from .errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from .orchestrate import Pretrained
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +113,43 @@ def check_causal_lm(source: str, field: str, **hub: Any) -> None:
         )
 
 
-def load_causal_lm(
-    source: str, field: str, *, spec: FineTuneJobSpec, precision: str, attention: str, **hub: Any
-) -> Any:
+def adapter_plan(adapter: Adapter | None, *, saved: bool) -> str:
+    """How the model to train is made (pure): "continue" trains the saved adapter spec.model.uri holds; "merge"
+    merges it into its base first (then spec.adapter, if set, adds a new adapter to the result); "new" adds
+    spec.adapter's new adapter to the base model; "full" trains every weight of the base model."""
+    if saved:
+        return "continue" if adapter is not None and adapter.init != "new" else "merge"
+    if adapter is not None and adapter.init == "continue":
+        raise ConfigError(
+            "spec.adapter.init",
+            "continue trains the saved adapter spec.model.uri holds, and it holds a whole model (config.json, no "
+            "adapter_config.json): remove init, or name a FineTuneJob's adapter output in spec.model.uri",
+        )
+    return "new" if adapter is not None else "full"
+
+
+def load_causal_lm(pretrained: Pretrained, *, spec: FineTuneJobSpec, precision: str, attention: str) -> Any:
+    """The model to train: the base model, in the dtype base_dtype chooses (with qlora, quantized to 4-bit NF4 on
+    this process's GPU), with the saved adapter spec.model.uri holds, trainable or merged in (adapter_plan)."""
+    model = load_base_lm(pretrained.path, pretrained.field, spec=spec, precision=precision, attention=attention,
+                         **pretrained.hub)  # fmt: skip
+    plan = adapter_plan(spec.adapter, saved=pretrained.adapter is not None)
+    if pretrained.adapter is None:
+        return model
+    from peft import PeftModel
+
+    try:
+        adapted = PeftModel.from_pretrained(model, pretrained.adapter, is_trainable=plan == "continue")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelError(
+            "spec.model.uri", f"cannot load the adapter {pretrained.adapter} onto {pretrained.reference}: {e}"
+        ) from None
+    if plan == "merge":
+        return adapted.merge_and_unload()
+    return adapted
+
+
+def load_base_lm(source: str, field: str, *, spec: FineTuneJobSpec, precision: str, attention: str, **hub: Any) -> Any:
     """The base model, in the dtype base_dtype chooses; with qlora, quantized to 4-bit NF4 on this process's GPU."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -224,26 +261,29 @@ def greedy_answers(
     return answers
 
 
+class NoCacheTraining:
+    """A Trainer mixin: no key/value cache while training. It is never read, and with one the attention reads
+    packed examples' restarting position ids as nothing (packing_keeps_apart). Generation turns it back on."""
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        config = self.accelerator.unwrap_model(self.model).config  # type: ignore[attr-defined]
+        before, config.use_cache = config.use_cache, False
+        try:
+            return super().train(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            config.use_cache = before
+
+
 def trainer_class() -> type:
     """TRL's SFTTrainer with kubetune's evaluation: perplexity from the loss and, given prompts, greedy answers
     scored by the generated-text metrics. TRL's own evaluation extras (token accuracy, entropy) are logged but
     only the requested metrics reach status and Prometheus."""
     from trl import SFTTrainer
 
-    class Trainer(SFTTrainer):
+    class Trainer(NoCacheTraining, SFTTrainer):
         def __init__(self, *args: Any, answers: Answers | None = None, **kwargs: Any) -> None:
             self.answers = answers
             super().__init__(*args, **kwargs)
-
-        def train(self, *args: Any, **kwargs: Any) -> Any:
-            # No key/value cache while training: it is never read, and with one the attention reads packed
-            # examples' restarting position ids as nothing (packing_keeps_apart). Generation turns it back on.
-            config = self.accelerator.unwrap_model(self.model).config
-            before, config.use_cache = config.use_cache, False
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                config.use_cache = before
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             # TRL adds its own figures to the dict it is given, which is also the one the callbacks' on_evaluate
@@ -278,13 +318,17 @@ def trainer_class() -> type:
     return Trainer
 
 
-def merge(source: str, adapter_dir: Path, target: Path, tokenizer: Any, **hub: Any) -> None:
+def merge(pretrained: Pretrained, adapter_dir: Path, target: Path, tokenizer: Any, *, under: bool) -> None:
     """The base model with the adapter merged in, saved as safetensors with the tokenizer. The base is loaded
-    afresh in its checkpoint's dtype (a QLoRA base was 4-bit in training; the merge is into full weights)."""
+    afresh in its checkpoint's dtype (a QLoRA base was 4-bit in training; the merge is into full weights).
+    under: the adapter was trained on the base with the saved adapter spec.model.uri holds merged in."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(source, dtype="auto", **hub)
+    base = AutoModelForCausalLM.from_pretrained(pretrained.path, dtype="auto", **pretrained.hub)
+    if under:
+        assert pretrained.adapter is not None
+        base = PeftModel.from_pretrained(base, pretrained.adapter).merge_and_unload()
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))

@@ -276,8 +276,35 @@ GENERATION: dict[str, Any] = {
         "output": {"uri": "s3://models/support-bot/", "merge": True},
     },
 }
+#: A preference manifest that sets every field of that task, each to a value other than its default
+#: (spec.preference.method has one value, dpo, so it is set to its default).
+PREFERENCE: dict[str, Any] = {
+    **GOOD,
+    "metadata": {"name": "prefs"},
+    "spec": {
+        "model": {"uri": "s3://models/support-bot/"},
+        "task": "preference",
+        "dataset": {
+            "uri": "s3://data/ticket-preferences/",
+            "chatTemplate": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "maxLength": 768,
+        },
+        "adapter": {
+            "method": "qlora",
+            "rank": 4,
+            "alpha": 8,
+            "dropout": 0.0,
+            "targetModules": ["q_proj", "k_proj"],
+            "init": "new",
+        },
+        "preference": {"method": "dpo", "beta": 0.25, "loss": "ipo"},
+        "hyperparameters": {"gradientCheckpointing": True},
+        "metrics": ["reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"],
+        "output": {"uri": "s3://models/support-bot-dpo/", "merge": True},
+    },
+}
 #: The manifests the fuzz starts from: one of each task.
-BASES = (GOOD, GENERATION)
+BASES = (GOOD, GENERATION, PREFERENCE)
 #: The fields spec.SPEC_RULES read (self.task, self.dataset.format...), read from the rules themselves: they
 #: are set or left out more often than the others, so that each rule breaks, alone and together.
 CROSS = [
@@ -378,7 +405,7 @@ def installed(control_plane: Any) -> Any:
 def test_cli_and_server_agree_on_generated_manifests(installed: Any, kube_admin: Any, namespace: str) -> None:
     """Valid and mutated manifests from the CRD's schema: the CLI and the API server give the same answer."""
     seen = {"accepted": 0, "refused": 0}
-    generation = {"accepted": 0, "refused": 0}
+    per_task = {task: {"accepted": 0, "refused": 0} for task in api.TASKS if task != "text-classification"}
     rules = [0] * len(api.SPEC_RULES)
 
     @settings(
@@ -394,8 +421,9 @@ def test_cli_and_server_agree_on_generated_manifests(installed: Any, kube_admin:
         agree(server, cli_verdict(doc), doc)
         verdict = "accepted" if server is None else "refused"
         seen[verdict] += 1
-        if isinstance(doc.get("spec"), dict) and doc["spec"].get("task") == "text-generation":
-            generation[verdict] += 1
+        task = doc["spec"].get("task") if isinstance(doc.get("spec"), dict) else None
+        if task in per_task:
+            per_task[task][verdict] += 1
         for i in broken_rules(server or []):
             rules[i] += 1
 
@@ -403,7 +431,7 @@ def test_cli_and_server_agree_on_generated_manifests(installed: Any, kube_admin:
     # Both answers must be common, for each task too, and each cross-field rule must break somewhere,
     # or the run proved little.
     assert min(seen.values()) >= EXAMPLES // 10, seen
-    assert min(generation.values()) >= EXAMPLES // 20, generation
+    assert all(min(counts.values()) >= EXAMPLES // 20 for counts in per_task.values()), per_task
     assert min(rules) > 0, rules
 
 
@@ -415,6 +443,23 @@ def test_the_text_generation_base_sets_every_field_of_its_task() -> None:
     assert spec.dataset.format and spec.dataset.packing and spec.dataset.chat_template and spec.output.merge
     assert set(spec.metrics) == set(api.TASK_METRICS["text-generation"])
     assert spec.hyperparameters.gradient_checkpointing is False
+
+
+def test_the_preference_base_sets_every_field_of_its_task() -> None:
+    """The fuzz's preference manifest is valid and carries each field the task added or shares with
+    text-generation (adapter with init, chat template, merge), each off its default where it has another
+    value, and its metrics are the task's own."""
+    spec = parse_manifest(copy.deepcopy(PREFERENCE)).spec
+    assert spec.task == "preference" and spec.preference is not None
+    defaults, fields = api.Preference(), api.Preference.model_fields
+    changed = {name for name in fields if getattr(spec.preference, name) != getattr(defaults, name)}
+    assert changed == set(fields) - {"method"}
+    assert spec.adapter is not None and spec.adapter.init == "new" and spec.output.merge
+    assert spec.dataset.chat_template and spec.dataset.max_length
+    assert set(spec.metrics) == set(api.TASK_METRICS["preference"])
+    assert spec.metrics != list(api.DEFAULT_METRICS["preference"])
+    # Every field of the spec the text-generation base leaves out is set here (or has no other value).
+    assert set(PREFERENCE["spec"]) - set(GENERATION["spec"]) == {"preference"}
 
 
 #: Generated manifests created for real under the running operator, and how long each may wait for a status.
@@ -645,6 +690,21 @@ def test_text_generation_fields_at_their_limits_are_accepted_with_the_job(
         {"rank": 4096, "alpha": 65536, "targetModules": [f"{i:02d}" + "m" * (api.MAX_STRING - 2) for i in range(64)]}
     )
     doc["spec"]["evaluation"]["generate"] = {"examples": 100000, "maxNewTokens": 32768}
+    assert cli_verdict(doc) is None
+    assert server_verdict(kube_admin, namespace, doc) is None
+    assert server_accepts_children(kube_admin, rendered(doc, namespace)) == []
+
+
+def test_preference_fields_at_their_limits_are_accepted_with_the_job(
+    installed: Any, kube_admin: Any, namespace: str
+) -> None:
+    """The preference fields at their limits (beta 100, the longest chat template, the largest adapter): both
+    accept the FineTuneJob, and the server its Job."""
+    doc = at_limits("a" * 60 + "z", 1)
+    doc["spec"].update(copy.deepcopy({k: v for k, v in PREFERENCE["spec"].items() if k not in ("model", "output")}))
+    doc["spec"]["dataset"].update({"chatTemplate": "t" * api.MAX_TEMPLATE, "maxLength": 131072})
+    doc["spec"]["adapter"].update({"rank": 4096, "alpha": 65536})
+    doc["spec"]["preference"]["beta"] = 100
     assert cli_verdict(doc) is None
     assert server_verdict(kube_admin, namespace, doc) is None
     assert server_accepts_children(kube_admin, rendered(doc, namespace)) == []

@@ -41,17 +41,30 @@ def base_exact_match(limit: int, max_new_tokens: int) -> float:
     return float(scored["exact_match"])
 
 
-def test_chat_quickstart_teaches_the_base_model_a_skill_it_lacks(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`kubetune run examples/chat-quickstart.yaml` in a fresh work directory: the run's directory and the command."""
+    if not (MODEL / "config.json").is_file():
+        pytest.fail("examples/models/SmolLM2-135M-Instruct is missing: run `make install` first")
+    workdir = tmp_path_factory.mktemp("runs")
+    return workdir / "chat-quickstart", kubetune_run(EXAMPLE, workdir)
+
+
+def kubetune_run(manifest: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "kubetune_cli", "run", str(manifest), "--workdir", str(workdir)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_chat_quickstart_teaches_the_base_model_a_skill_it_lacks(
+    chat_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
     """`kubetune run examples/chat-quickstart.yaml` succeeds offline; exact match on the held-out chats ends at
     least 0.5 above the base model's on the same prompts; the adapter and a merged model that plain
     from_pretrained loads are written."""
-    if not (MODEL / "config.json").is_file():
-        pytest.fail("examples/models/SmolLM2-135M-Instruct is missing: run `make install` first")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "kubetune_cli", "run", str(EXAMPLE), "--workdir", str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "chat-quickstart"
+    run, done = chat_run
     summary = json.loads((run / "summary.json").read_text())
     tuned = summary["metrics"]["evalExactMatch"]
     base = base_exact_match(limit=48, max_new_tokens=8)

@@ -206,27 +206,145 @@ def test_a_text_generation_manifest_is_stored_with_its_defaults(installed: Any, 
     assert "format" not in got["dataset"] and "chatTemplate" not in got["dataset"]
 
 
+# --- preference: its fields, and the rules that keep them to their task --------------------------------
+
+#: The minimal preference manifest: DPO on a LoRA adapter, everything else defaulted.
+PREFERENCE: dict[str, Any] = {
+    "task": "preference",
+    "model": {"uri": "s3://models/support-bot/"},
+    "dataset": {"uri": "s3://data/ticket-preferences/"},
+    "adapter": {"rank": 8},
+    "preference": {"beta": 0.1},
+}
+
+
+def preference(**changes: Any) -> dict[str, Any]:
+    doc = with_name("prefs", **PREFERENCE)
+    doc["spec"].update(changes)
+    return doc
+
+
+def test_a_preference_manifest_is_stored_with_its_defaults(installed: Any, namespace: str) -> None:
+    """The minimal preference manifest is accepted: spec.preference gets DPO and the sigmoid loss, the adapter
+    its defaults but no init (a saved adapter is continued unless init says otherwise); the CLI agrees."""
+    doc = preference()
+    assert parse_manifest(copy.deepcopy(doc)).spec.eval_metrics == [
+        "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"
+    ]  # fmt: skip
+    assert apply(installed, namespace, doc).returncode == 0
+    got = json.loads(kubectl(installed, "get", "ftj", "prefs", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert got["preference"] == {"method": "dpo", "beta": 0.1, "loss": "sigmoid"}
+    assert got["adapter"] == {"method": "lora", "rank": 8, "dropout": 0.05, "targetModules": ["all-linear"]}
+    assert got["dataset"]["packing"] is False and "format" not in got["dataset"]
+    assert "metrics" not in got or got["metrics"] == []
+    # A bare preference block takes every default too; the task alone (a full fine-tune) is valid.
+    bare = with_name("bare-prefs", task="preference", model=PREFERENCE["model"], dataset=PREFERENCE["dataset"],
+                     preference={})  # fmt: skip
+    assert apply(installed, namespace, bare).returncode == 0
+    got = json.loads(kubectl(installed, "get", "ftj", "bare-prefs", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert got["preference"] == {"method": "dpo", "beta": 0.1, "loss": "sigmoid"} and "adapter" not in got
+    alone = with_name("task-alone", task="preference", model=PREFERENCE["model"], dataset=PREFERENCE["dataset"])
+    assert apply(installed, namespace, alone).returncode == 0
+
+
+def test_a_preference_manifest_takes_a_chat_template_metrics_and_a_merge(installed: Any, namespace: str) -> None:
+    """dataset.chatTemplate is a field of every LLM task; metrics are the task's; a merge needs the adapter."""
+    doc = preference(
+        dataset={**PREFERENCE["dataset"], "chatTemplate": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
+        preference={"method": "dpo", "beta": 0.5, "loss": "ipo"},
+        metrics=["reward_margin", "reward_accuracy"],
+        output={"uri": "s3://models/support-bot-dpo/", "merge": True},
+    )
+    assert parse_manifest(copy.deepcopy(doc)).spec.eval_metrics == ["reward_margin", "reward_accuracy"]
+    done = apply(installed, namespace, doc)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(kubectl(installed, "get", "ftj", "prefs", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert got["dataset"]["chatTemplate"].startswith("{% for m") and got["preference"]["loss"] == "ipo"
+
+
+@pytest.mark.parametrize("init", ["continue", "new"])
+def test_adapter_init_takes_continue_or_new(installed: Any, namespace: str, init: str) -> None:
+    """adapter.init is continue or new, for either LLM task; the API server and the CLI accept both."""
+    for doc in (preference(adapter={"rank": 8, "init": init}), generation(adapter={"init": init})):
+        doc["metadata"] = {"name": f"init-{init}-{doc['spec']['task']}"}
+        adapter = parse_manifest(copy.deepcopy(doc)).spec.adapter
+        assert adapter is not None and adapter.init == init
+        done = apply(installed, namespace, doc)
+        assert done.returncode == 0, done.stderr
+        name = doc["metadata"]["name"]
+        got = json.loads(kubectl(installed, "get", "ftj", name, "-n", namespace, "-o", "json").stdout)["spec"]
+        assert got["adapter"]["init"] == init
+
+
 @pytest.mark.parametrize(
-    ("rule", "doc"),
+    ("doc", "field", "said"),
     [
-        pytest.param(0, with_spec(metrics=["perplexity"]), id="classifier-perplexity"),
-        pytest.param(0, generation(metrics=["accuracy"]), id="generation-accuracy"),
-        pytest.param(1, generation(evaluation={}), id="exact-match-without-generate"),
-        pytest.param(1, generation(evaluation=None), id="exact-match-without-evaluation"),
-        pytest.param(2, with_spec(adapter={"rank": 8}), id="classifier-adapter"),
-        pytest.param(2, with_spec(evaluation={"generate": {"examples": 4}}), id="classifier-evaluation"),
-        pytest.param(3, with_spec(dataset={**GLUE, "format": "text"}), id="classifier-format"),
-        pytest.param(3, with_spec(dataset={**GLUE, "packing": True}), id="classifier-packing"),
-        pytest.param(3, with_spec(dataset={**GLUE, "chatTemplate": "{{ messages }}"}), id="classifier-template"),
-        pytest.param(4, generation(adapter=None), id="merge-without-adapter"),
+        pytest.param(preference(preference={"loss": "dpo"}), "spec.preference.loss", "Unsupported value", id="loss"),
+        pytest.param(
+            preference(preference={"loss": "Sigmoid"}), "spec.preference.loss", "Unsupported value", id="loss-case"
+        ),
+        pytest.param(
+            preference(preference={"method": "orpo"}), "spec.preference.method", "Unsupported value", id="method"
+        ),
+        pytest.param(preference(preference={"beta": 0}), "spec.preference.beta", "greater than 0", id="beta-zero"),
+        pytest.param(
+            preference(preference={"beta": 101}), "spec.preference.beta", "less than or equal to 100", id="beta-large"
+        ),
+        pytest.param(preference(adapter={"init": "merge"}), "spec.adapter.init", "Unsupported value", id="init"),
+        pytest.param(preference(adapter={"init": "New"}), "spec.adapter.init", "Unsupported value", id="init-case"),
     ],
 )
+def test_bad_preference_values_are_refused(
+    installed: Any, namespace: str, doc: dict[str, Any], field: str, said: str
+) -> None:
+    """An unknown loss or method, a beta out of (0, 100], an unknown adapter.init: refused by the API server
+    and the CLI, both naming the field."""
+    err = rejected(installed, namespace, doc)
+    assert re.search(rf"{re.escape(field)}: (Unsupported|Invalid) value", err) and said in err, err
+    assert field in cli_fields(doc), cli_fields(doc)
+
+
+#: A case of each of SPEC_RULES (its index) for each task: what breaks it.
+RULE_CASES = [
+    pytest.param(0, with_spec(metrics=["perplexity"]), id="classifier-perplexity"),
+    pytest.param(0, generation(metrics=["accuracy"]), id="generation-accuracy"),
+    pytest.param(0, with_spec(metrics=["reward_accuracy"]), id="classifier-reward-accuracy"),
+    pytest.param(0, generation(metrics=["perplexity", "reward_margin"]), id="generation-reward-margin"),
+    pytest.param(0, preference(metrics=["perplexity"]), id="preference-perplexity"),
+    pytest.param(0, preference(metrics=["reward_accuracy", "f1"]), id="preference-f1"),
+    pytest.param(1, generation(evaluation={}), id="exact-match-without-generate"),
+    pytest.param(1, generation(evaluation=None), id="exact-match-without-evaluation"),
+    pytest.param(2, with_spec(adapter={"rank": 8}), id="classifier-adapter"),
+    pytest.param(2, with_spec(task="text-classification", adapter={}), id="explicit-classifier-adapter"),
+    pytest.param(3, with_spec(evaluation={"generate": {"examples": 4}}), id="classifier-evaluation"),
+    pytest.param(3, preference(evaluation={"generate": {"examples": 4}}), id="preference-evaluation"),
+    pytest.param(3, preference(evaluation={}), id="preference-empty-evaluation"),
+    pytest.param(4, with_spec(dataset={**GLUE, "format": "text"}), id="classifier-format"),
+    pytest.param(4, with_spec(dataset={**GLUE, "packing": True}), id="classifier-packing"),
+    pytest.param(4, preference(dataset={**PREFERENCE["dataset"], "format": "messages"}), id="preference-format"),
+    pytest.param(4, preference(dataset={**PREFERENCE["dataset"], "packing": True}), id="preference-packing"),
+    pytest.param(5, with_spec(dataset={**GLUE, "chatTemplate": "{{ messages }}"}), id="classifier-template"),
+    pytest.param(6, generation(adapter=None), id="merge-without-adapter"),
+    pytest.param(6, preference(adapter=None, output={"merge": True}), id="preference-merge-without-adapter"),
+    pytest.param(7, with_spec(preference={"beta": 0.1}), id="classifier-preference"),
+    pytest.param(7, with_spec(preference={}), id="classifier-empty-preference"),
+    pytest.param(7, generation(preference={"loss": "ipo"}), id="generation-preference"),
+]
+
+
+@pytest.mark.parametrize(("rule", "doc"), RULE_CASES)
 def test_each_cross_field_rule_refuses_with_its_message(
     installed: Any, namespace: str, rule: int, doc: dict[str, Any]
 ) -> None:
     """Each of SPEC_RULES refuses what FineTuneJobSpec._consistent refuses, with its message, on the field
-    the CLI names."""
+    the CLI names (the rule's own fieldPath: spec.adapter, spec.preference...)."""
     doc["spec"] = {k: v for k, v in doc["spec"].items() if v is not None}
     err = rejected(installed, namespace, doc)
     assert str(SPEC_RULES[rule]["message"]) in err, err
     assert refused_field(err) in cli_fields(doc), (err, cli_fields(doc))
+    assert refused_field(err) == "spec" + str(SPEC_RULES[rule]["fieldPath"]), err
+
+
+def test_every_cross_field_rule_is_exercised() -> None:
+    """The cases above break each of SPEC_RULES at least once (a rule added later needs a case)."""
+    assert {case.values[0] for case in RULE_CASES} == set(range(len(SPEC_RULES)))

@@ -1,5 +1,6 @@
-"""Training metrics end to end: real tiny jobs (a classifier and a causal LM) push to the test bed's Pushgateway,
-Prometheus scrapes them, and every dashboard query and alert rule is checked against what arrived."""
+"""Training metrics end to end: real tiny jobs (a classifier, a causal LM, and the causal LM on preference pairs)
+push to the test bed's Pushgateway, Prometheus scrapes them, and every dashboard query and alert rule is checked
+against what arrived."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_api.metrics import BY_NAME, CATALOG
-from kubetune_api.spec import TASK_METRICS, TASKS
+from kubetune_api.metrics import BY_NAME, CATALOG, eval_name
+from kubetune_api.spec import PREFERENCE_METRICS, TASK_METRICS, TASKS
 from kubetune_job.pushgateway import delete_group
 from tests.blackhole import blackhole as gateway_blackhole
-from tests.models import build_tiny_bert, build_tiny_llama, write_chats, write_pairs
+from tests.models import build_tiny_bert, build_tiny_llama, write_chats, write_pairs, write_preferences
 from tests.testbed import binaries
 
 pytestmark = pytest.mark.integration
@@ -132,7 +133,32 @@ def generated(tmp_path_factory: pytest.TempPathFactory, pushgateway: Any, promet
     return finished(job, work, pushgateway, prometheus)
 
 
-@pytest.mark.parametrize("run", ["trained", "generated"])
+@pytest.fixture(scope="module")
+def preferred(tmp_path_factory: pytest.TempPathFactory, pushgateway: Any, prometheus: Any) -> Any:
+    """A tiny preference job (DPO with a new LoRA adapter on the causal LM, 25 steps, 3 evaluations, the task's
+    default metrics: the four rewards) that pushed to the gateway and was scraped to its end."""
+    base = tmp_path_factory.mktemp("prefs")
+    model, data = build_tiny_llama(base / "model"), write_preferences(base / "data", train=200, validation=20)
+    work = base / "run"
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": f"prefs-{secrets.token_hex(3)}"},
+        "spec": {
+            "model": {"uri": str(model)},
+            "task": "preference",
+            "dataset": {"uri": str(data), "maxLength": 32},
+            "adapter": {"rank": 8},
+            "preference": {"beta": 0.1},
+            "hyperparameters": {"epochs": 1, "batchSize": 8, "learningRate": 1e-2, "evalEvery": 10},
+            "checkpoints": {"uri": str(work / "checkpoints"), "every": 10, "keep": 1},
+            "output": {"uri": str(work / "output")},
+        },
+    }
+    return finished(job, work, pushgateway, prometheus)
+
+
+@pytest.mark.parametrize("run", ["trained", "generated", "preferred"])
 def test_training_job_pushes_every_metric_to_its_group(
     run: str, request: pytest.FixtureRequest, pushgateway: Any
 ) -> None:
@@ -184,13 +210,13 @@ def load(path: Path) -> dict[str, Any]:
 
 def tasks_of(expr: str) -> list[str]:
     """The tasks whose runs a query shows: those having every evaluation metric it selects by name
-    (metric="perplexity" is text-generation's alone), or every task."""
+    (metric="perplexity" is text-generation's alone, metric="reward_margin" preference's), or every task."""
     named = set(re.findall(r'\bmetric="(\w+)"', expr))
     return [task for task in TASKS if named <= set(TASK_METRICS[task])]
 
 
 #: The run of each task that the dashboard tests query.
-RUNS = {"text-classification": "trained", "text-generation": "generated"}
+RUNS = {"text-classification": "trained", "text-generation": "generated", "preference": "preferred"}
 
 
 def panel_targets() -> list[Any]:
@@ -248,6 +274,31 @@ def test_text_generation_scores_show_in_the_evaluation_panels(generated: Any, pr
     sel = f'namespace="{NAMESPACE}", finetunejob="{generated.name}"'
     faster = f"kubetune_train_tokens_per_second{{{sel}}} > kubetune_train_samples_per_second{{{sel}}}"
     assert prometheus.query(faster, timeout=20)
+
+
+def test_preference_rewards_show_in_the_evaluation_panels(preferred: Any, prometheus: Any) -> None:
+    """The preference run's reward_accuracy is among the scores (a fraction); its reward margin and the chosen
+    and rejected rewards (not fractions, negative at times) are in the Reward margin panel and not among the
+    scores; all four in the last evaluation, with the summary's final values."""
+    dashboard = load(ROOT / "charts" / "kubetune" / "dashboards" / "kubetune-job.json")
+    shown: dict[str, dict[str, float]] = {}
+    for panel in dashboard["panels"]:
+        if panel["title"] in ("Evaluation scores", "Reward margin", "Last evaluation"):
+            for target in panel["targets"]:
+                if "kubetune_eval_metric" in target["expr"]:
+                    found = prometheus.query(substitute(target["expr"], preferred.name), timeout=20)
+                    shown.setdefault(panel["title"], {}).update(
+                        {r["metric"]["metric"]: float(r["value"][1]) for r in found}
+                    )
+    rewards = {"reward_margin", "chosen_reward", "rejected_reward"}
+    assert set(shown["Evaluation scores"]) == {"reward_accuracy"}
+    assert 0 <= shown["Evaluation scores"]["reward_accuracy"] <= 1
+    assert set(shown["Reward margin"]) == rewards
+    assert shown["Last evaluation"] == {**shown["Evaluation scores"], **shown["Reward margin"]}
+    final = preferred.summary["metrics"]  # rounded to 6 decimals
+    assert {m: final[eval_name(m)] for m in PREFERENCE_METRICS} == pytest.approx(shown["Last evaluation"], abs=1e-6)
+    margin = shown["Reward margin"]
+    assert margin["reward_margin"] == pytest.approx(margin["chosen_reward"] - margin["rejected_reward"], abs=1e-4)
 
 
 def _cuda() -> bool:

@@ -18,7 +18,7 @@ from kubetune_operator.manifests import Owner, children
 from kubetune_operator.settings import OperatorSettings
 from tests.integration.conftest import Operator, committed, ftj, pods, status, wait_phase
 from tests.kube import JOB_IMAGE, apply, get, kubectl, wait_for
-from tests.models import build_tiny_llama, write_chats
+from tests.models import build_tiny_llama, write_chats, write_preferences
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +29,16 @@ def chat_assets() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="kubetune-operator-chat-", dir="/var/tmp"))
     build_tiny_llama(base / "model")
     write_chats(base / "data", train=200, validation=20)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def preference_assets() -> Iterator[Path]:
+    """The tiny causal LM and preference pairs (prompt, chosen, rejected as chat turns), under /var/tmp."""
+    base = Path(tempfile.mkdtemp(prefix="kubetune-operator-prefs-", dir="/var/tmp"))
+    build_tiny_llama(base / "model")
+    write_preferences(base / "data", train=80, validation=16)
     yield base
     shutil.rmtree(base, ignore_errors=True)
 
@@ -88,6 +98,41 @@ def test_text_generation_finetunejob_runs_to_succeeded(
         p.name for p in output.iterdir()
     }
     assert (output / "merged" / "model.safetensors").is_file() and (output / "merged" / "config.json").is_file()
+
+
+def test_preference_finetunejob_runs_to_succeeded(
+    control_plane: Any, operator: Operator, namespace: str, preference_assets: Path
+) -> None:
+    """A preference FineTuneJob (DPO with a new LoRA adapter on the tiny causal LM) runs through the operator to
+    Succeeded: without spec.metrics status has the task's four rewards and the Eval column its first,
+    reward_accuracy; the checkpoints and the output hold the adapter alone."""
+    doc = ftj(
+        "prefs",
+        preference_assets,
+        task="preference",
+        adapter={"rank": 8},
+        preference={"beta": 0.1},
+        hyperparameters={"learningRate": 1e-2},
+        checkpoints={"every": 5},
+    )
+    done = apply(control_plane, doc, namespace=namespace)
+    assert done.returncode == 0, done.stderr
+    st = wait_phase(control_plane, namespace, "prefs", "Succeeded", timeout=300)
+    # 80 pairs, 8 a step, one epoch.
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == 10 and st["progress"]["percent"] == 100
+    rewards = {"evalRewardAccuracy", "evalRewardMargin", "evalChosenReward", "evalRejectedReward"}
+    assert {"trainLoss", "evalLoss", *rewards} <= set(st["metrics"]), st["metrics"]
+    assert 0 <= st["metrics"]["evalRewardAccuracy"] <= 1
+    assert st["eval"] == f"reward_accuracy={st['metrics']['evalRewardAccuracy']:.4f}"
+    row = kubectl(control_plane, "get", "ftj", "prefs", "-n", namespace, "--no-headers").stdout.split()
+    assert row[:3] == ["prefs", "Succeeded", "100"] and row[4] == st["eval"]
+    checkpoint = Path(doc["spec"]["checkpoints"]["uri"]) / f"checkpoint-{committed(doc)[-1]}"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (checkpoint / "model.safetensors").exists()
+    output = Path(st["outputUri"])
+    assert output == Path(doc["spec"]["output"]["uri"])
+    written = {p.name for p in output.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= written and "model.safetensors" not in written
 
 
 def test_image_outside_the_allowed_prefixes_is_invalid(control_plane: Any, run: Any, namespace: str) -> None:

@@ -233,6 +233,7 @@ def test_a_model_without_sdpa_falls_back_to_eager(tmp_path: Path) -> None:
     """BigBird has no sdpa kernel: the job loads it with eager attention instead of failing."""
     from transformers import BigBirdConfig, BigBirdForSequenceClassification
 
+    from kubetune_job.orchestrate import Pretrained
     from kubetune_job.tasks import Prepared, TextClassification
 
     config = BigBirdConfig(
@@ -240,19 +241,22 @@ def test_a_model_without_sdpa_falls_back_to_eager(tmp_path: Path) -> None:
         max_position_embeddings=64, attention_type="original_full",
     )  # fmt: skip
     BigBirdForSequenceClassification(config).save_pretrained(str(tmp_path))
+    pretrained = Pretrained(str(tmp_path), "spec.model.uri", {}, str(tmp_path))
     model = TextClassification().load_model(
-        str(tmp_path), Prepared(None, ["a", "b"]), "spec.model.uri", spec=spec(attention="sdpa"), precision="fp32"
+        pretrained, Prepared(None, ["a", "b"]), spec=spec(attention="sdpa"), precision="fp32"
     )
     assert model.config._attn_implementation == "eager"
 
 
 def test_the_classifier_loss_is_not_rescaled_by_the_trainer(tmp_path: Path) -> None:
     """The loaded model opts out of num_items_in_batch, so DDP and accumulation keep a mean loss."""
+    from kubetune_job.orchestrate import Pretrained
     from kubetune_job.tasks import Prepared, TextClassification
     from tests.models import build_tiny_bert
 
+    path = str(build_tiny_bert(tmp_path))
     model = TextClassification().load_model(
-        str(build_tiny_bert(tmp_path)), Prepared(None, ["0", "1"]), "spec.model.uri", spec=spec(attention="sdpa"),
+        Pretrained(path, "spec.model.uri", {}, path), Prepared(None, ["0", "1"]), spec=spec(attention="sdpa"),
         precision="fp32",
     )  # fmt: skip
     assert model.accepts_loss_kwargs is False and model.config._attn_implementation == "sdpa"

@@ -22,12 +22,13 @@ from kubetune_job.arguments import (
     MANAGED,
     arguments,
     check_adapter,
-    generation_arguments,
     gradient_checkpointing,
+    llm_arguments,
     training_arguments,
 )
 from kubetune_job.data import load_local
 from kubetune_job.errors import ConfigError, DataError
+from kubetune_job.orchestrate import Pretrained
 from kubetune_job.tasks import TextGeneration, truncation_report
 from tests.models import CHATML_MARKED, build_tiny_llama, write_chats
 
@@ -100,9 +101,9 @@ def test_columns_of_no_format_are_named() -> None:
 
 def test_evaluation_split_in_another_format_names_the_eval_split() -> None:
     """An evaluation split without the training data's columns is a problem of spec.dataset.evalSplit."""
-    chats.check_eval_columns(["messages", "id"], "messages", "validation")
+    chats.check_columns(["messages", "id"], "messages", "validation")
     with pytest.raises(DataError) as e:
-        chats.check_eval_columns(["prompt", "completion"], "messages", "validation")
+        chats.check_columns(["prompt", "completion"], "messages", "validation")
     assert e.value.field == "spec.dataset.evalSplit"
     assert "split 'validation' lacks the column(s) messages" in e.value.message
     assert "(columns: prompt, completion)" in e.value.message
@@ -265,12 +266,12 @@ def test_perplexity_is_exp_loss_capped() -> None:
 # SFTConfig arguments
 
 
-def test_generation_arguments_are_sft_config_fields(tmp_path: Path) -> None:
+def test_llm_arguments_are_sft_config_fields(tmp_path: Path) -> None:
     """Every key kubetune adds for text-generation is an SFTConfig field, and they follow the spec."""
     from trl import SFTConfig
 
     spec = generation_spec(dataset={"maxLength": 64, "packing": True})
-    extra = generation_arguments(spec, cuda=False)
+    extra = llm_arguments(spec, cuda=False)
     assert set(extra) <= {f.name for f in dataclasses.fields(SFTConfig)}
 
     def kwargs(spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -361,11 +362,11 @@ def test_qlora_is_refused_before_anything_loads(tmp_path: Path) -> None:
         ({"task": "text-classification", "metrics": ["perplexity"]}, "spec.metrics: perplexity not a "),
         ({"metrics": ["exact_match"]}, "spec.evaluation.generate: exact_match scores generated answers"),
         ({"metrics": ["exact_match"], "evaluation": {}}, "spec.evaluation.generate: exact_match"),
-        ({"task": "text-classification", "adapter": {}}, "spec.task: adapter and evaluation are text-generation"),
-        ({"task": "text-classification", "evaluation": {"generate": {}}}, "spec.task: adapter and evaluation"),
-        ({"task": "text-classification", "dataset": {"format": "text"}}, "spec.dataset: dataset.format, "),
-        ({"task": "text-classification", "dataset": {"packing": True}}, "spec.dataset: dataset.format, "),
-        ({"task": "text-classification", "dataset": {"chatTemplate": "{{ x }}"}}, "spec.dataset: dataset.format, "),
+        ({"task": "text-classification", "adapter": {}}, "spec.adapter: adapter is a field of the LLM tasks"),
+        ({"task": "text-classification", "evaluation": {"generate": {}}}, "spec.evaluation: evaluation is a "),
+        ({"task": "text-classification", "dataset": {"format": "text"}}, "spec.dataset: dataset.format and "),
+        ({"task": "text-classification", "dataset": {"packing": True}}, "spec.dataset: dataset.format and "),
+        ({"task": "text-classification", "dataset": {"chatTemplate": "{{ x }}"}}, "spec.dataset.chatTemplate: "),
         ({"output": {"merge": True}}, "spec.output.merge: output.merge merges an adapter"),
         ({"adapter": {"rank": 0}}, "spec.adapter.rank: "),
         ({"adapter": {"rank": -4}}, "spec.adapter.rank: "),
@@ -459,7 +460,7 @@ def test_messages_loss_follows_the_chat_template(llama: Path, tmp_path: Path) ->
     plain = task.prepare(load_local(data, spec.dataset), tokenizer, spec, tmp_path / "cache")
     assert not plain.assistant_only_loss and plain.data["train"].column_names == ["prompt", "completion"]
     marked = generation_spec(model={"uri": str(llama)}, dataset={"uri": str(data), "chatTemplate": CHATML_MARKED})
-    tokenizer = task.load_tokenizer(str(llama), "spec.model.uri", marked)
+    tokenizer = task.load_tokenizer(Pretrained(str(llama), "spec.model.uri", {}, str(llama)), marked)
     prepared = task.prepare(load_local(data, marked.dataset), tokenizer, marked, tmp_path / "cache")
     assert prepared.assistant_only_loss and prepared.data["train"].column_names == ["messages"]
 
@@ -470,7 +471,7 @@ def test_packed_training_split_reports_no_dropped_examples(llama: Path, tmp_path
     data = write_chats(tmp_path / "data", train=16, validation=4)
     spec = generation_spec(model={"uri": str(llama)}, dataset={"uri": str(data), "maxLength": 64, "packing": True})
     task = TextGeneration()
-    tokenizer = task.load_tokenizer(str(llama), "spec.model.uri", spec)
+    tokenizer = task.load_tokenizer(Pretrained(str(llama), "spec.model.uri", {}, str(llama)), spec)
     prepared = task.prepare(load_local(data, spec.dataset), tokenizer, spec, tmp_path / "cache")
     args = training_arguments(spec, output_dir=tmp_path / "out", has_eval=True)
     trainer = task.trainer(

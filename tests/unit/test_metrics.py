@@ -528,8 +528,9 @@ def test_job_dashboard_shows_every_metric() -> None:
     assert [m.name for m in CATALOG if not re.search(rf"\b{m.name}\b", text)] == []
 
 
-#: Evaluation metrics that are not fractions (perplexity runs from 1 up): never shown in percent.
-UNBOUNDED = ("perplexity",)
+#: Evaluation metrics that are not fractions (perplexity runs from 1 up; rewards and their margin are log-ratios
+#: times beta, of either sign): never shown in percent.
+UNBOUNDED = ("perplexity", "reward_margin", "chosen_reward", "rejected_reward")
 
 
 def shown_metrics(expr: str) -> set[str]:
@@ -543,8 +544,9 @@ def shown_metrics(expr: str) -> set[str]:
 
 
 def test_job_dashboard_shows_every_tasks_scores_each_in_a_fitting_unit() -> None:
-    """Every task's evaluation metrics (accuracy... for classifiers, perplexity and exact_match for causal LMs)
-    show in some graph of the job dashboard; perplexity, not a fraction, never in a percent panel."""
+    """Every task's evaluation metrics (accuracy... for classifiers, perplexity and exact_match for causal LMs, the
+    rewards for preference) show in some graph of the job dashboard; those that are no fraction never in a percent
+    panel."""
     graphs = [
         p for p in panels(load(ROOT / "charts/kubetune/dashboards/kubetune-job.json")) if p["type"] == "timeseries"
     ]

@@ -357,6 +357,113 @@ def test_a_text_generation_job_carries_its_fields_to_the_pod() -> None:
     assert passed["output"]["merge"] is True and passed["metrics"] == ["exact_match"]
 
 
+def preference_spec(**changes: Any) -> Any:
+    """A preference spec (DPO on a LoRA adapter), with changes."""
+    body = {"task": "preference", "dataset": {"uri": "s3://data/prefs/"}, "adapter": {}, **changes}
+    return spec(**body)
+
+
+#: A finished preference run's evaluation, as its summary carries it: rewards are beta * log-ratios, so the
+#: margin and the chosen and rejected rewards can be negative; only the accuracy is a fraction.
+REWARDS = {
+    "evalRewardAccuracy": 0.8125,
+    "evalRewardMargin": 0.4375,
+    "evalChosenReward": -0.125,
+    "evalRejectedReward": -0.5625,
+}
+
+
+def test_a_preference_job_without_metrics_shows_reward_accuracy_in_the_eval_column() -> None:
+    """Empty spec.metrics means the task's defaults, reward_accuracy first: a finished preference run shows
+    evalRewardAccuracy in the Eval column and every reward metric (negative ones too) in status.metrics."""
+    summary = {
+        "phase": "Succeeded",
+        "finalStep": 25,
+        "totalSteps": 25,
+        "metrics": {"trainLoss": 0.61, "evalLoss": 0.52, **REWARDS},
+        "trainSamplesPerSecond": 6.5,
+        "outputUri": "s3://b/dpo-adapter/",
+    }
+    done = pod(
+        "Succeeded", containerStatuses=[{"state": {"terminated": {"exitCode": 0, "message": json.dumps(summary)}}}]
+    )
+    job = {"metadata": {"name": "x"}, "spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    metrics = preference_spec().eval_metrics
+    assert metrics == ["reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"]
+    st = derive(job=job, pods=[done], metrics=metrics, generation=1, previous={}, now=NOW)
+    assert st["phase"] == "Succeeded" and st["eval"] == "reward_accuracy=0.8125"
+    assert st["metrics"] == {"trainLoss": 0.61, "evalLoss": 0.52, **REWARDS}
+    assert st["outputUri"] == "s3://b/dpo-adapter/" and st["progress"]["percent"] == 100
+    # spec.metrics chooses the column's metric, a negative one too.
+    chosen = preference_spec(metrics=["chosen_reward", "reward_accuracy"]).eval_metrics
+    assert derive(job=job, pods=[done], metrics=chosen, generation=1, previous={}, now=NOW)["eval"] == (
+        "chosen_reward=-0.1250"
+    )
+
+
+def test_a_running_preference_job_shows_its_live_rewards() -> None:
+    """While it runs, the Pushgateway group's kubetune_eval_metric{metric="reward_margin"...} reach
+    status.metrics by their API names (evalRewardMargin...), and the Eval column shows reward_accuracy."""
+    from kubetune_operator.progress import parse_groups
+
+    def gauge(*values: tuple[float, dict[str, str]]) -> dict[str, Any]:
+        return {"type": "GAUGE", "metrics": [{"labels": labels, "value": str(v)} for v, labels in values]}
+
+    group = {
+        "labels": {"job": "kubetune", "namespace": "ml", "finetunejob": "prefs"},
+        "kubetune_train_global_step": gauge((10, {})),
+        "kubetune_train_total_steps": gauge((25, {})),
+        "kubetune_train_loss": gauge((0.69, {})),
+        "kubetune_eval_metric": gauge(
+            (0.8125, {"metric": "reward_accuracy"}),
+            (0.4375, {"metric": "reward_margin"}),
+            (-0.125, {"metric": "chosen_reward"}),
+            (-0.5625, {"metric": "rejected_reward"}),
+        ),
+    }
+    progress = parse_groups([group], "ml", "prefs")
+    assert progress is not None and progress["percent"] == 40
+    job = {"metadata": {"name": "prefs"}, "spec": {}, "status": {}}
+    metrics = preference_spec().eval_metrics
+    st = derive(job=job, pods=[pod("Running")], metrics=metrics, generation=1, previous={}, now=NOW, progress=progress)
+    assert st["phase"] == "Running" and st["metrics"] == {"trainLoss": 0.69, **REWARDS}
+    assert st["eval"] == "reward_accuracy=0.8125"
+
+
+def test_a_preference_job_carries_its_fields_to_the_pod() -> None:
+    """spec.preference (its defaults filled in), the adapter with its init and the chat template reach the
+    job in KUBETUNE_SPEC; a preference spec without the block gets none (the job applies the defaults)."""
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    settings = OperatorSettings(checkpoint_root="s3://kubetune/runs", storage_endpoint="http://s3:8333")
+
+    def passed(prefs: Any) -> dict[str, Any]:
+        job = children(OWNER, prefs, settings)[-1]
+        env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        return dict(json.loads(env["KUBETUNE_SPEC"]["value"]))
+
+    got = passed(
+        preference_spec(
+            dataset={"uri": "s3://data/prefs/", "chatTemplate": template},
+            adapter={"rank": 8, "init": "new"},
+            preference={"beta": 0.5},
+            output={"uri": "s3://models/bot-dpo/", "merge": True},
+        )
+    )
+    assert got["task"] == "preference" and got["preference"] == {"method": "dpo", "beta": 0.5, "loss": "sigmoid"}
+    assert got["adapter"]["init"] == "new" and got["adapter"]["rank"] == 8
+    assert got["dataset"]["chatTemplate"] == template and got["output"]["merge"] is True
+    bare = passed(preference_spec())
+    assert bare["task"] == "preference" and bare.get("preference") is None and bare["adapter"].get("init") is None
+    assert api_spec(bare).preference_settings == api_spec(got).preference_settings.model_copy(update={"beta": 0.1})
+
+
+def api_spec(passed: dict[str, Any]) -> Any:
+    """The spec the job reads back from KUBETUNE_SPEC."""
+    from kubetune_api.spec import parse_spec
+
+    return parse_spec(passed)
+
+
 def test_a_refusal_from_before_the_job_last_started_is_not_reported() -> None:
     """Only FailedCreate Events since the Job's startTime (set anew at each resume) explain a wait; the
     newest wins, whether it carries a lastTimestamp or only an eventTime."""
