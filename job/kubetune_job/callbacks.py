@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -153,8 +154,6 @@ class RunAccount(TrainerCallback, ExportableState):
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        import torch
-
         if module.training and torch.is_grad_enabled():
             name = getattr(module, "main_input_name", "input_ids")
             batch = kwargs.get(name, args[0] if args else None)

@@ -131,9 +131,9 @@ def adapter_plan(adapter: Adapter | None, *, saved: bool) -> str:
 def load_causal_lm(pretrained: Pretrained, *, spec: FineTuneJobSpec, precision: str, attention: str) -> Any:
     """The model to train: the base model, in the dtype base_dtype chooses (with qlora, quantized to 4-bit NF4 on
     this process's GPU), with the saved adapter spec.model.uri holds, trainable or merged in (adapter_plan)."""
+    plan = adapter_plan(spec.adapter, saved=pretrained.adapter is not None)
     model = load_base_lm(pretrained.path, pretrained.field, spec=spec, precision=precision, attention=attention,
                          **pretrained.hub)  # fmt: skip
-    plan = adapter_plan(spec.adapter, saved=pretrained.adapter is not None)
     if pretrained.adapter is None:
         return model
     from peft import PeftModel

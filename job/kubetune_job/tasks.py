@@ -187,8 +187,9 @@ class CausalLM:
         """The tokenizer (a saved adapter's own when it has one), with spec.dataset.chatTemplate if set. The model's
         configuration is checked first: a model that is no causal LM is the problem to report, before any the
         tokenizer or the data would show."""
-        from .sft import check_causal_lm
+        from .sft import adapter_plan, check_causal_lm
 
+        adapter_plan(spec.adapter, saved=pretrained.adapter is not None)  # init: continue without an adapter fails now
         check_causal_lm(pretrained.path, pretrained.field, **pretrained.hub)
         tokenizer = load_tokenizer(pretrained.tokenizer, pretrained.field, **pretrained.hub)
         if spec.dataset.chat_template is not None:
