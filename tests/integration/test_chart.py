@@ -114,7 +114,8 @@ def test_dashboards_ship_as_labelled_configmaps() -> None:
 
 
 @pytest.fixture(scope="module")
-def release(control_plane: Any, kubelet: Any, s3: Any, pushgateway: Any) -> Iterator[dict[str, Any]]:
+def release(control_plane: Any, kubelet: Any, s3: Any, pushgateway: Any, images: Any) -> Iterator[dict[str, Any]]:
+    """The chart installed with the images built from this tree: the operator and the jobs run as containers."""
     for ns in ("kubetune", "ml"):
         kubectl(control_plane, "create", "namespace", ns)
         kubectl(control_plane, "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
@@ -128,6 +129,11 @@ def release(control_plane: Any, kubelet: Any, s3: Any, pushgateway: Any) -> Iter
         "metrics.pushgateway.groupTtlSeconds=5",
         f"operator.metricsPort={metrics}",
         f"operator.healthPort={health}",
+        *[
+            f"{part}.image.{key}={value}"
+            for part in ("operator", "job")
+            for key, value in zip(("repository", "tag"), images[part].rsplit(":", 1), strict=True)
+        ],
     ]
     crd_name = crd()["metadata"]["name"]
     if kubectl(control_plane, "get", "crd", crd_name, check=False).returncode == 0:
@@ -162,6 +168,7 @@ def test_operator_runs_from_the_chart_under_restricted_pod_security(control_plan
     """The chart's operator pod is admitted in a restricted namespace, runs, and holds its Lease."""
     (pod,) = wait_for("the operator pod", lambda: operator_pods(control_plane))
     assert pod["spec"]["serviceAccountName"] == "kubetune-operator"
+    assert pod["status"]["containerStatuses"][0]["containerID"].startswith("podman://")
     # It leads under the chart's Lease Role, named by its pod name (the downward API).
     wait_for(
         "the operator to hold its Lease",
@@ -198,6 +205,12 @@ def test_offline_examples_run_to_succeeded(control_plane: Any, release: Any, s3:
             timeout=600,
         )
         assert st["phase"] == "Succeeded", st.get("message")
+        (job_pod,) = json.loads(
+            kubectl(
+                control_plane, "get", "pods", "-n", "ml", "-l", f"kubetune.io/finetunejob={name}", "-o", "json"
+            ).stdout
+        )["items"]
+        assert job_pod["status"]["containerStatuses"][0]["containerID"].startswith("podman://")
         assert st["outputUri"] == f"s3://{BUCKET}/models/ml/{name}/" and st["metrics"]["evalAccuracy"] > 0.6
         stored = {o["path"] for batch in obstore.list(s3.store(BUCKET), prefix=f"models/ml/{name}/") for o in batch}
         assert f"models/ml/{name}/model.safetensors" in stored and f"models/ml/{name}/metrics.json" in stored

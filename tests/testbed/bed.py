@@ -26,6 +26,7 @@ from pathlib import Path
 from tests.testbed import binaries, processes
 from tests.testbed.cluster import ControlPlane
 from tests.testbed.kubelet import NodeSpec, TestKubelet
+from tests.testbed.kueue import Kueue
 from tests.testbed.prometheus import Prometheus, Pushgateway
 from tests.testbed.s3 import SeaweedS3
 
@@ -56,13 +57,18 @@ class Bed:
     s3: SeaweedS3
     pushgateway: Pushgateway
     prometheus: Prometheus
+    kueue: Kueue | None = None
 
     @classmethod
-    def start(cls, workdir: Path, *, nodes: int = 1, gpus: int = 8) -> Bed:
-        started: list[ControlPlane | TestKubelet | SeaweedS3 | Pushgateway | Prometheus] = []
+    def start(cls, workdir: Path, *, nodes: int = 1, gpus: int = 8, kueue: bool = False) -> Bed:
+        started: list[ControlPlane | TestKubelet | SeaweedS3 | Pushgateway | Prometheus | Kueue] = []
+        manager = None
         try:
             plane = ControlPlane.start(workdir / "cluster")
             started.append(plane)
+            if kueue:
+                manager = Kueue.start(workdir / "kueue", plane)
+                started.append(manager)
             kubelet = TestKubelet(plane.api_client(), workdir=workdir / "kubelet", extra_env=pod_env()).start()
             started.append(kubelet)
             for i in range(nodes):
@@ -77,11 +83,12 @@ class Bed:
             for part in reversed(started):
                 part.stop()
             raise
-        return cls(plane, kubelet, s3, gateway, prom)
+        return cls(plane, kubelet, s3, gateway, prom, manager)
 
     def stop(self) -> None:
-        for part in (self.prometheus, self.pushgateway, self.s3, self.kubelet, self.plane):
-            part.stop()
+        for part in (self.prometheus, self.pushgateway, self.s3, self.kubelet, self.kueue, self.plane):
+            if part is not None:
+                part.stop()
 
     def env(self) -> dict[str, str]:
         """What a shell needs to use the bed: kubeconfig, S3 endpoint and keys, metrics URLs."""
@@ -95,8 +102,9 @@ class Bed:
     def pids(self) -> dict[str, int]:
         """Every component process, for ``down`` to clean up if the holder itself is gone."""
         found = {name: proc.pid for name, proc in self.plane.components.items()}
-        for part in (self.s3, self.pushgateway, self.prometheus):
-            found[part.process.name] = part.process.pid
+        for part in (self.s3, self.pushgateway, self.prometheus, self.kueue):
+            if part is not None:
+                found[part.process.name] = part.process.pid
         return found
 
 
@@ -131,12 +139,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def serve(directory: Path, *, nodes: int, gpus: int) -> int:
+def serve(directory: Path, *, nodes: int, gpus: int, kueue: bool) -> int:
     """Hold the bed until SIGTERM or SIGINT; the state file exists exactly while it is up."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    bed = Bed.start(directory / "work", nodes=nodes, gpus=gpus)
+    bed = Bed.start(directory / "work", nodes=nodes, gpus=gpus, kueue=kueue)
     try:
         _write_state(directory / "state.json", State(pid=os.getpid(), env=bed.env(), components=bed.pids()))
         print("test bed up", flush=True)
@@ -154,7 +162,7 @@ def exports(env: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def up(directory: Path, *, nodes: int, gpus: int) -> int:
+def up(directory: Path, *, nodes: int, gpus: int, kueue: bool) -> int:
     """Start the holder in the background (unless one runs) and print the export lines."""
     state = _read_state(directory)
     if state is not None and _alive(state.pid):
@@ -165,7 +173,8 @@ def up(directory: Path, *, nodes: int, gpus: int) -> int:
     log = directory / "bed.log"
     with log.open("wb") as out:
         holder = subprocess.Popen(
-            [sys.executable, "-m", "tests.testbed.bed", "serve", f"--nodes={nodes}", f"--gpus={gpus}"],
+            [sys.executable, "-m", "tests.testbed.bed", "serve", f"--nodes={nodes}", f"--gpus={gpus}"]
+            + (["--kueue"] if kueue else []),
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -205,12 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "serve"])
     parser.add_argument("--nodes", type=int, default=1, help="fake GPU nodes (gpu-node-0, gpu-node-1, ...)")
     parser.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu per node")
+    parser.add_argument("--kueue", action="store_true", help="also Kueue's controller manager and webhooks")
     args = parser.parse_args(argv)
     directory = state_dir()
     if args.command == "up":
-        return up(directory, nodes=args.nodes, gpus=args.gpus)
+        return up(directory, nodes=args.nodes, gpus=args.gpus, kueue=args.kueue)
     if args.command == "serve":
-        return serve(directory, nodes=args.nodes, gpus=args.gpus)
+        return serve(directory, nodes=args.nodes, gpus=args.gpus, kueue=args.kueue)
     return down(directory)
 
 

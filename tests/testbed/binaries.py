@@ -15,6 +15,7 @@ from pathlib import Path
 KUBERNETES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 S3 = ("weed",)
 PROMETHEUS = ("prometheus", "prometheus-pushgateway")
+KUEUE = ("kueue",)
 
 
 def testbin_dir() -> Path:

@@ -20,6 +20,7 @@ peer, a pod record of its own headless Service (``<hostname>.<subdomain>``, opti
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -305,7 +306,10 @@ def prepare_volumes(pod: k8s.V1Pod, *, pod_dir: Path, claims_dir: Path, lookups:
         elif volume.persistent_volume_claim is not None:
             host = claims_dir / pod.metadata.namespace / volume.persistent_volume_claim.claim_name
             host.mkdir(parents=True, exist_ok=True)
-        elif volume.empty_dir is None:
+            host.chmod(0o777)
+        elif volume.empty_dir is not None:
+            host.chmod(0o777)  # as a kubelet makes an emptyDir: writable by whatever user the container runs as
+        else:
             raise ConfigError(f"volume {volume.name}: the test kubelet does not support this volume type")
         volumes[volume.name] = host
     return volumes
@@ -368,3 +372,122 @@ def mount_map(container: k8s.V1Container, volumes: Mapping[str, Path]) -> dict[s
             host.mkdir(parents=True, exist_ok=True)
         mounts[mount.mount_path] = host
     return mounts
+
+
+# --- a container under podman
+
+
+def run_as(pod: k8s.V1Pod, container: k8s.V1Container, image_user: str) -> tuple[str, list[str]]:
+    """The ``--user`` value and the extra groups of a container, checked as a kubelet checks runAsNonRoot.
+
+    The container's securityContext wins over the pod's. With runAsNonRoot and no runAsUser, the
+    image's USER must be numeric and not 0 (a name cannot be verified), as the kubelet requires.
+    """
+    pod_context = pod.spec.security_context or k8s.V1PodSecurityContext()
+    own = container.security_context or k8s.V1SecurityContext()
+    uid = own.run_as_user if own.run_as_user is not None else pod_context.run_as_user
+    gid = own.run_as_group if own.run_as_group is not None else pod_context.run_as_group
+    non_root = own.run_as_non_root if own.run_as_non_root is not None else pod_context.run_as_non_root
+    if non_root:
+        if uid is None:
+            name = image_user.split(":", 1)[0]
+            if not name.isdigit() and name:
+                why = f"image has non-numeric user ({name}), cannot verify user is non-root"
+                raise ConfigError(f"container has runAsNonRoot and {why}")
+            if not name or int(name) == 0:
+                raise ConfigError("container has runAsNonRoot and image will run as root")
+        elif uid == 0:
+            raise ConfigError("container's runAsUser breaks non-root policy")
+    user = image_user or "0"
+    if uid is not None:
+        user = f"{uid}:{gid}" if gid is not None else str(uid)
+    elif gid is not None:
+        user = f"{user.split(':', 1)[0]}:{gid}"
+    groups = [*(pod_context.supplemental_groups or ()), *([pod_context.fs_group] if pod_context.fs_group else ())]
+    return user, [str(g) for g in groups]
+
+
+def security_args(pod: k8s.V1Pod, container: k8s.V1Container) -> list[str]:
+    """Root filesystem, capabilities, privilege escalation and seccomp, as podman flags."""
+    own = container.security_context or k8s.V1SecurityContext()
+    pod_context = pod.spec.security_context or k8s.V1PodSecurityContext()
+    args: list[str] = []
+    if own.privileged:
+        args.append("--privileged")
+    if own.read_only_root_filesystem:
+        # podman would otherwise add writable tmpfs mounts (/tmp, /var/tmp, /run) a kubelet never adds.
+        args += ["--read-only", "--read-only-tmpfs=false"]
+    capabilities = own.capabilities or k8s.V1Capabilities()
+    args += [f"--cap-drop={c.lower()}" for c in capabilities.drop or ()]
+    args += [f"--cap-add={c.lower()}" for c in capabilities.add or ()]
+    if own.allow_privilege_escalation is False:
+        args += ["--security-opt", "no-new-privileges"]
+    seccomp = own.seccomp_profile or pod_context.seccomp_profile
+    if seccomp is not None and seccomp.type == "Unconfined":
+        args += ["--security-opt", "seccomp=unconfined"]
+    # RuntimeDefault (or unset, as containerd runs it under the restricted standard) is podman's default profile.
+    return args
+
+
+def limit_args(container: k8s.V1Container) -> list[str]:
+    """``resources.limits`` memory and cpu as cgroup limits (no swap beyond the memory limit, as a kubelet sets)."""
+    limits = (container.resources.limits if container.resources else None) or {}
+    args: list[str] = []
+    if "memory" in limits:
+        memory = int(parse_quantity(limits["memory"]))
+        args += [f"--memory={memory}b", f"--memory-swap={memory}b"]
+    if "cpu" in limits:
+        args.append(f"--cpus={float(parse_quantity(limits['cpu'])):g}")
+    return args
+
+
+def mount_args(pod: k8s.V1Pod, container: k8s.V1Container, volumes: Mapping[str, Path]) -> list[str]:
+    """Each volumeMount as a bind mount of its host directory; an emptyDir of medium Memory as a tmpfs.
+
+    A Memory emptyDir is one tmpfs per container here (a kubelet shares one between a pod's
+    containers); its sizeLimit becomes the tmpfs size, and its pages count against the container's memory.
+    """
+    memory = {v.name: v.empty_dir for v in pod.spec.volumes or () if v.empty_dir and v.empty_dir.medium == "Memory"}
+    hosts = mount_map(container, volumes)
+    args: list[str] = []
+    for mount in container.volume_mounts or ():
+        if mount.name in memory:
+            size = memory[mount.name].size_limit
+            options = ["type=tmpfs", f"destination={mount.mount_path}", "tmpfs-mode=1777"]
+            options += [f"tmpfs-size={int(parse_quantity(size))}"] if size else []
+            args += ["--mount", ",".join(options)]
+        else:
+            mode = "ro" if mount.read_only else "rw"
+            args += ["--volume", f"{hosts[mount.mount_path]}:{mount.mount_path}:{mode}"]
+    return args
+
+
+def podman_args(
+    pod: k8s.V1Pod,
+    container: k8s.V1Container,
+    *,
+    env: Mapping[str, str],
+    volumes: Mapping[str, Path],
+    message_path: Path,
+    image_user: str,
+) -> list[str]:
+    """The ``podman create`` arguments that run ``container`` of ``pod`` as a kubelet would.
+
+    Host network (the pod's address is the host's, as in process mode), the pod's securityContext
+    (:func:`run_as`, :func:`security_args`), limits (:func:`limit_args`), volumes (:func:`mount_args`),
+    the termination-message file, the resolved env, and the image's ENTRYPOINT/CMD combined with
+    ``command`` and ``args`` the way a runtime does.
+    """
+    user, groups = run_as(pod, container, image_user)
+    args = ["--network", "host", "--label", f"kubetune.testbed.pod={pod.metadata.uid}"]
+    args += ["--user", user, *[f"--group-add={g}" for g in groups]]
+    args += security_args(pod, container) + limit_args(container) + mount_args(pod, container, volumes)
+    message = container.termination_message_path or "/dev/termination-log"
+    args += ["--volume", f"{message_path}:{message}:rw"]
+    args += [x for k, v in env.items() for x in ("--env", f"{k}={v}")]
+    if container.working_dir:
+        args += ["--workdir", container.working_dir]
+    words = [expand(w, env) for w in container.args or ()]
+    if container.command:
+        args += ["--entrypoint", json.dumps([expand(w, env) for w in container.command])]
+    return [*args, container.image, *words]

@@ -5,6 +5,10 @@ condition, a Lease in ``kube-node-lease`` renewed every few seconds, so the node
 controller removes the not-ready taint and never evicts). It watches pods bound to its nodes and
 runs each container as a process group on this machine: the image becomes a command through the
 table in :mod:`tests.testbed.images`, env and volumes are resolved as in :mod:`tests.testbed.containers`.
+A container whose image podman holds (the project's images, ``make images``) runs as a real container
+instead (:mod:`tests.testbed.podman`): the pod's securityContext, limits, volumes and termination
+message mapped to podman's flags (:func:`tests.testbed.containers.podman_args`), OOMKilled read from
+the runtime.
 
 Status follows a real kubelet: Pending (ContainerCreating, or CreateContainerConfigError /
 ErrImagePull / ImagePullBackOff while something is missing), Running with podIP 127.0.0.1 and
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -39,7 +44,7 @@ from kubernetes import client as k8s
 from kubernetes import watch
 from kubernetes.client.rest import ApiException
 
-from tests.testbed import containers, images, processes
+from tests.testbed import containers, images, podman, processes
 
 log = logging.getLogger("kubetune.testbed.kubelet")
 
@@ -86,6 +91,17 @@ class NodeSpec:
 # --- one container
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How to start a container: a process (argv, env, cwd), or ``podman create`` arguments (``podman_args``)."""
+
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = Path("/")
+    podman_args: list[str] | None = None
+    container_name: str = ""
+
+
 @dataclass(eq=False)  # identity, not field equality: two runs of the same spec are different containers
 class ContainerRun:
     """One container of a pod: its spec, its files, its state as the status reports it."""
@@ -98,6 +114,7 @@ class ContainerRun:
     last_state: dict[str, Any] = field(default_factory=dict)
     popen: subprocess.Popen[bytes] | None = None
     oom: bool = False
+    container_id: str | None = None  # under podman
 
     @property
     def name(self) -> str:
@@ -114,18 +131,24 @@ class ContainerRun:
     def waiting(self, reason: str, message: str = "") -> None:
         self.state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
 
-    def start(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> None:
+    def start(self, launch: Launch) -> None:
         self.message_path.write_text("")  # a restarted container starts with an empty message
-        with self.log_path.open("ab") as out:
-            self.popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(env),
-                cwd=cwd,
-                start_new_session=True,
-            )
+        self.message_path.chmod(0o666)  # whatever user the container runs as writes it
+        if launch.podman_args is not None:
+            name = f"{launch.container_name}-{self.restart_count}"  # each run of a restarted container is a new one
+            self.container_id = podman.create(["--name", name, *launch.podman_args])
+            self.popen = podman.start(self.container_id, self.log_path)
+        else:
+            with self.log_path.open("ab") as out:
+                self.popen = subprocess.Popen(
+                    launch.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=launch.env,
+                    cwd=launch.cwd,
+                    start_new_session=True,
+                )
         self.oom = False
         self.state = {"running": {"startedAt": now()}}
 
@@ -140,6 +163,9 @@ class ContainerRun:
 
     def signal(self, sig: signal.Signals) -> None:
         if self.popen is not None and self.popen.poll() is None:
+            if self.container_id is not None:
+                podman.kill(self.container_id, sig.name)
+                return
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
 
@@ -148,6 +174,9 @@ class ContainerRun:
         started = self.state.get("running", {}).get("startedAt", now())
         if self.popen is not None:
             processes.stop_group(self.popen.pid, grace=0.0, wait=self.popen.wait)
+        if self.container_id is not None:
+            self.oom = self.oom or podman.oom_killed(self.container_id)  # the kernel's kill under a memory limit
+            podman.remove(self.container_id)
         reason = "OOMKilled" if self.oom else ("Completed" if exit_code == 0 else "Error")
         terminated = {"exitCode": exit_code, "reason": reason, "startedAt": started, "finishedAt": now()}
         message = self.termination_message(exit_code)
@@ -176,11 +205,13 @@ class ContainerRun:
 
     def status(self) -> dict[str, Any]:
         pid = self.popen.pid if self.popen is not None else None
+        runtime = "podman" if self.container_id else "testkubelet"
+        container_id = self.container_id or (str(pid) if pid else None)
         return {
             "name": self.name,
             "image": self.spec.image,
-            "imageID": f"testkubelet://{self.spec.image}",
-            **({"containerID": f"testkubelet://{pid}"} if pid else {}),
+            "imageID": f"{runtime}://{self.spec.image}",
+            **({"containerID": f"{runtime}://{container_id}"} if container_id else {}),
             "ready": self.running,
             "started": self.running,
             "restartCount": self.restart_count,
@@ -335,8 +366,8 @@ class PodWorker:
         )
         if commands is None:
             return False
-        for run, (argv, env, cwd) in zip(runs, commands, strict=True):
-            run.start(argv, env=env, cwd=cwd)
+        for run, launch in zip(runs, commands, strict=True):
+            run.start(launch)
         self._report()
         restart_at: dict[str, float] = {}
         kill_at: float | None = None
@@ -383,18 +414,47 @@ class PodWorker:
             return False
         return exit_code != 0 or (policy == "Always" and not init)
 
-    def _restart_due(self, runs: Sequence[ContainerRun], commands: Sequence[Any], restart_at: dict[str, float]) -> bool:
+    def _restart_due(
+        self, runs: Sequence[ContainerRun], commands: Sequence[Launch], restart_at: dict[str, float]
+    ) -> bool:
         changed = False
-        for run, (argv, env, cwd) in zip(runs, commands, strict=True):
+        for run, launch in zip(runs, commands, strict=True):
             due = restart_at.get(run.name)
             if due is not None and time.monotonic() >= due:
                 del restart_at[run.name]
-                run.start(argv, env=env, cwd=cwd)
+                run.start(launch)
                 changed = True
         return changed
 
-    def _command(self, run: ContainerRun, volumes: Mapping[str, Path]) -> tuple[list[str], dict[str, str], Path]:
-        """The argv, env and working directory of a container, with container paths mapped to this pod's."""
+    def _command(self, run: ContainerRun, volumes: Mapping[str, Path]) -> Launch:
+        """How to start a container: under podman when podman holds its image, else as a process."""
+        if self.kubelet.in_podman(run.spec.image):
+            return self._podman_launch(run, volumes)
+        return self._process_launch(run, volumes)
+
+    def _podman_launch(self, run: ContainerRun, volumes: Mapping[str, Path]) -> Launch:
+        """``podman create`` arguments: the container sees its own paths, so nothing is rewritten."""
+        spec = run.spec
+        env = containers.container_env(
+            self.pod,
+            spec,
+            lookups=containers.Lookups(self.kubelet.core, self.namespace),
+            base=self.kubelet.service_env(self.name),
+            allocatable=self.kubelet.allocatable(self.node),
+        )
+        env = {k: containers.resolve_peer(v, self.pod) for k, v in env.items()}
+        args = containers.podman_args(
+            self.pod,
+            spec,
+            env=env,
+            volumes=volumes,
+            message_path=run.message_path,
+            image_user=podman.image_user(spec.image),
+        )
+        return Launch(podman_args=args, container_name=f"k8s_{run.name}_{self.name}_{self.namespace}_{self.uid[:8]}")
+
+    def _process_launch(self, run: ContainerRun, volumes: Mapping[str, Path]) -> Launch:
+        """The argv, env and working directory of a process, with container paths mapped to this pod's."""
         spec = run.spec
         paths = containers.PathMap.of(self._path_map(run, volumes))
         base = self.kubelet.base_env(self.dir, self.name)
@@ -416,7 +476,7 @@ class PodWorker:
         argv = [w if w == images.PYTHON else paths.rewrite(containers.expand(w, env)) for w in argv]
         cwd = Path(paths.rewrite(spec.working_dir)) if spec.working_dir else self.dir
         cwd.mkdir(parents=True, exist_ok=True)
-        return argv, env, cwd
+        return Launch(argv, env, cwd)
 
     def _path_map(self, run: ContainerRun, volumes: Mapping[str, Path]) -> dict[str, Path]:
         mapping: dict[str, Path] = {"/tmp": self.dir / "tmp"}
@@ -429,6 +489,8 @@ class PodWorker:
             run.signal(sig)
             if run.popen is not None:
                 processes.stop_group(run.popen.pid, grace=0.0, wait=run.popen.wait)
+            if run.container_id is not None:
+                podman.remove(run.container_id)
 
     def _final_phase(self) -> str:
         ended = [r.terminated for r in self.runs]
@@ -524,6 +586,8 @@ class TestKubelet:
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
         self._log_handler: logging.Handler | None = None
+        self._podman_ready = shutil.which("podman") is not None
+        self._podman_images: dict[str, bool] = {}
 
     @property
     def log_path(self) -> Path:
@@ -783,17 +847,26 @@ class TestKubelet:
         """What every container starts with, before its own env: a home, a /tmp, and the API's address."""
         for sub in ("home", "tmp"):
             (pod_dir / sub).mkdir(parents=True, exist_ok=True)
-        api = urlparse(self.api_client.configuration.host)
         env = {k: v for k, v in os.environ.items() if k in HOST_ENV}
-        env.update(
-            HOME=str(pod_dir / "home"),
-            TMPDIR=str(pod_dir / "tmp"),
-            HOSTNAME=pod_name,
-            KUBERNETES_SERVICE_HOST=api.hostname or "127.0.0.1",
-            KUBERNETES_SERVICE_PORT=str(api.port or 443),
-        )
+        env.update(HOME=str(pod_dir / "home"), TMPDIR=str(pod_dir / "tmp"), **self.service_env(pod_name))
         env.update(self.extra_env)
         return env
+
+    def service_env(self, pod_name: str) -> dict[str, str]:
+        """What a kubelet tells every container, process or not: its hostname and the API's address."""
+        api = urlparse(self.api_client.configuration.host)
+        return {
+            "HOSTNAME": pod_name,
+            "KUBERNETES_SERVICE_HOST": api.hostname or "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(api.port or 443),
+        }
+
+    def in_podman(self, image: str) -> bool:
+        """Whether podman holds this image (checked once per image and kubelet; a later build is not seen)."""
+        with self._lock:
+            if image not in self._podman_images:
+                self._podman_images[image] = self._podman_ready and podman.image_exists(image)
+            return self._podman_images[image]
 
     # faults and inspection
 

@@ -442,5 +442,5 @@ def test_operator_image_inputs_leave_out_the_command_line(stages: dict[str, Stag
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     subprocess.run(["bash", "-c", edit], cwd=tmp_path, check=True)
     built = tomllib.loads((tmp_path / "pyproject.toml").read_text())
-    assert "scripts" not in built["project"]
+    assert "scripts" not in built["project"] and "readme" not in built["project"]
     assert built["project"]["optional-dependencies"] == pyproject()["project"]["optional-dependencies"]

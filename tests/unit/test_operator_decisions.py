@@ -120,6 +120,15 @@ def test_kueue_queue_creates_the_job_suspended_and_never_unsuspends() -> None:
     assert desired_suspend(spec(runPolicy={"suspend": True}), current=False) is True
 
 
+def test_a_suspended_job_waiting_for_kueue_is_queued_not_suspended() -> None:
+    """A suspended Job of a queued FineTuneJob its user did not suspend waits for Kueue: Pending, Queued,
+    naming the queue; without a queue (or suspended by its user) it is Suspended."""
+    suspended = {"metadata": {"name": "j"}, "spec": {"suspend": True}, "status": {}}
+    phase, reason, message = phase_of(suspended, [], None, "team-a")
+    assert (phase, reason) == ("Pending", "Queued") and "team-a" in message
+    assert phase_of(suspended, [], None, None)[:2] == ("Suspended", "Suspended")
+
+
 def test_image_outside_allowed_prefixes_is_invalid() -> None:
     """spec.image must start with an allowed prefix when the admin set some."""
     with pytest.raises(InvalidSpec) as e:
