@@ -435,14 +435,10 @@ class PodWorker:
     def _podman_launch(self, run: ContainerRun, volumes: Mapping[str, Path]) -> Launch:
         """``podman create`` arguments: the container sees its own paths, so nothing is rewritten."""
         spec = run.spec
-        env = containers.container_env(
-            self.pod,
-            spec,
-            lookups=containers.Lookups(self.kubelet.core, self.namespace),
-            base=self.kubelet.service_env(self.name),
-            allocatable=self.kubelet.allocatable(self.node),
-        )
-        env = {k: containers.resolve_peer(v, self.pod) for k, v in env.items()}
+        env = {
+            k: containers.resolve_peer(v, self.pod)
+            for k, v in self._env(spec, self.kubelet.service_env(self.name)).items()
+        }
         args = containers.podman_args(
             self.pod,
             spec,
@@ -453,18 +449,19 @@ class PodWorker:
         )
         return Launch(podman_args=args, container_name=f"k8s_{run.name}_{self.name}_{self.namespace}_{self.uid[:8]}")
 
+    def _env(self, spec: k8s.V1Container, base: Mapping[str, str]) -> dict[str, str]:
+        """The container's env resolved over ``base``, as a kubelet resolves it."""
+        lookups = containers.Lookups(self.kubelet.core, self.namespace)
+        return containers.container_env(
+            self.pod, spec, lookups=lookups, base=base, allocatable=self.kubelet.allocatable(self.node)
+        )
+
     def _process_launch(self, run: ContainerRun, volumes: Mapping[str, Path]) -> Launch:
         """The argv, env and working directory of a process, with container paths mapped to this pod's."""
         spec = run.spec
         paths = containers.PathMap.of(self._path_map(run, volumes))
         base = self.kubelet.base_env(self.dir, self.name)
-        env = containers.container_env(
-            self.pod,
-            spec,
-            lookups=containers.Lookups(self.kubelet.core, self.namespace),
-            base=base,
-            allocatable=self.kubelet.allocatable(self.node),
-        )
+        env = self._env(spec, base)
         # Only what the pod spec says is a container path. Host paths the kubelet supplies itself (the
         # interpreter, the base env: HOME, PYTHONPATH...) stay as they are, even when the host's
         # checkout or test directory lives under /tmp, which the pod's /tmp would otherwise capture.
@@ -862,11 +859,15 @@ class TestKubelet:
         }
 
     def in_podman(self, image: str) -> bool:
-        """Whether podman holds this image (checked once per image and kubelet; a later build is not seen)."""
-        with self._lock:
-            if image not in self._podman_images:
-                self._podman_images[image] = self._podman_ready and podman.image_exists(image)
-            return self._podman_images[image]
+        """Whether podman holds this image (checked once per image and kubelet; a later build is not seen).
+
+        Asked from the pods' threads; the podman call runs outside the kubelet's lock, which the watch
+        thread also takes."""
+        known = self._podman_images.get(image)
+        if known is None:
+            known = self._podman_ready and podman.image_exists(image)
+            self._podman_images[image] = known  # a race only asks podman twice
+        return known
 
     # faults and inspection
 

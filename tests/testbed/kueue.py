@@ -19,6 +19,7 @@ certificate directory is bind-mounted there; the host keeps only the empty mount
 
 from __future__ import annotations
 
+import base64
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +126,6 @@ class Kueue:
         return kueue
 
     def _register_webhooks(self, manifests: Path) -> None:
-        import base64
-
         docs = [d for d in yaml.safe_load_all((manifests / "webhooks.yaml").read_text()) if d]
         ca = base64.b64encode(self.plane.ca_file.read_bytes()).decode()
         configs = webhook_configurations(docs, port=self.webhook_port, ca_bundle=ca)
