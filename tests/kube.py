@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from kubetune_operator.crd import crd
-from kubetune_operator.rbac import RULES
+from kubetune_operator.rbac import rules
 from tests.testbed import binaries, processes
 from tests.testbed.cluster import Credentials, write_kubeconfig
 from tests.testbed.waits import eventually
@@ -74,9 +74,9 @@ def get_cluster_scoped(plane: Any, kind: str, name: str) -> dict[str, Any] | Non
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 
-def operator_account(plane: Any, workdir: Path, namespace: str = "kubetune-system") -> Path:
-    """A ServiceAccount bound to RULES cluster-wide; returns a kubeconfig with its token. The role is
-    named apart from the chart's, so the chart installs in the same session."""
+def operator_account(plane: Any, workdir: Path, namespace: str = "kubetune-system", *, kueue: bool = False) -> Path:
+    """A ServiceAccount bound to the operator's rules (rbac.rules) cluster-wide; returns a kubeconfig with
+    its token. The role is named apart from the chart's, so the chart installs in the same session."""
     docs = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
         {
@@ -88,7 +88,7 @@ def operator_account(plane: Any, workdir: Path, namespace: str = "kubetune-syste
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": {"name": "kubetune-operator-under-test"},
-            "rules": RULES,
+            "rules": rules(kueue=kueue),
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",

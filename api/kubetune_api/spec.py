@@ -700,8 +700,37 @@ class Toleration(Model):
         return self
 
 
+#: How a topology level binds the pods (spec.scheduling.topology.mode), in Kueue's words.
+TOPOLOGY_MODES = ("Required", "Preferred")
+#: Topology needs Kueue, which reads it (as CEL; Scheduling._topology_needs_a_queue enforces the same).
+TOPOLOGY_NEEDS_QUEUE: JsonDict = {
+    "rule": "!has(self.topology) || (has(self.queueName) && self.queueName != '')",
+    "message": "topology is placed by Kueue's topology-aware scheduling: set scheduling.queueName to a "
+    "LocalQueue whose ClusterQueue has a flavor with a topology, or remove topology",
+    "fieldPath": ".topology",
+}
+
+
+class Topology(Model):
+    """Keep every pod of the job inside one domain of a topology level (one rack, one block), as Kueue's
+    topology-aware scheduling places them."""
+
+    level: LabelKey = Field(
+        description="The node label that names a level of the ClusterQueue's Kueue Topology, e.g. "
+        "example.com/rack: every pod runs on nodes with the same value of it."
+    )
+    mode: Literal[TOPOLOGY_MODES] = Field(  # type: ignore[valid-type]
+        "Required",
+        description="Required: the job waits in its queue until one domain of the level has room for every pod. "
+        "Preferred: one domain of the level if one has room, else one domain of the next level up, and so on; "
+        "the job is admitted even when its pods must spread.",
+    )
+
+
 class Scheduling(Model):
     """Where the pods may run."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [TOPOLOGY_NEEDS_QUEUE]})
 
     node_selector: dict[str, LabelValue] = Field(
         {},
@@ -726,6 +755,11 @@ class Scheduling(Model):
     queue_name: LabelValue = Field(
         "", description="Kueue LocalQueue; the Job is created suspended and Kueue admits it."
     )
+    topology: Topology | None = Field(
+        None,
+        description="With queueName: the topology level the pods share (Kueue's topology-aware scheduling). "
+        "Omit: the pods go wherever the scheduler puts them.",
+    )
 
     @field_validator("node_selector")
     @classmethod
@@ -736,6 +770,12 @@ class Scheduling(Model):
                 raise ValueError(problem)
         return value
 
+    @model_validator(mode="after")
+    def _topology_needs_a_queue(self) -> Scheduling:
+        if self.topology is not None and not self.queue_name:
+            raise field_error("spec.scheduling.topology", str(TOPOLOGY_NEEDS_QUEUE["message"]))
+        return self
+
 
 class RunPolicy(Model):
     """Retries, deadlines and suspension."""
@@ -743,7 +783,11 @@ class RunPolicy(Model):
     max_retries: int = Field(3, ge=0, le=100, description="Failures that count; preemption never counts.")
     active_deadline_seconds: Int64 | None = Field(None, gt=0, description="Fail the job after this many seconds.")
     ttl_seconds_after_finished: Int32 | None = Field(None, ge=0, description="Delete the Job this long after it ends.")
-    suspend: bool = Field(False, description="Suspend (true) or resume (false) the job; it resumes from a checkpoint.")
+    suspend: bool = Field(
+        False,
+        description="Suspend (true) or resume (false) the job; it resumes from a checkpoint. With queueName, "
+        "through Kueue's Workload (needs the operator's Kueue support).",
+    )
 
 
 def _in(var: str, values: tuple[str, ...]) -> str:
@@ -857,7 +901,9 @@ class FineTuneJobSpec(Model):
         description="Secret in the same namespace with key HF_TOKEN.",
     )
     resources: Resources = Field(Resources(), description="GPUs, nodes, CPU and memory.")
-    scheduling: Scheduling = Field(Scheduling(), description="Node selection, tolerations, priority and queue.")
+    scheduling: Scheduling = Field(
+        Scheduling(), description="Node selection, tolerations, priority, queue and topology."
+    )
     run_policy: RunPolicy = Field(RunPolicy(), description="Retries, deadlines and suspension.")
     image: str = Field(
         "",

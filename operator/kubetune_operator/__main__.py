@@ -13,7 +13,7 @@ import kopf
 from kubernetes import client as k8s
 
 from . import handlers  # noqa: F401  (registers the handlers)
-from .handlers import api_configuration
+from .handlers import api_configuration, register_kueue
 from .leader import Elector, standby_health
 from .settings import OperatorSettings
 
@@ -32,6 +32,8 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("KUBETUNE_OPERATOR_LOG_LEVEL", "INFO"))
     settings = OperatorSettings()  # read from the environment once; the handlers get it through kopf's memo
     health = settings.health_port
+    if settings.kueue:
+        register_kueue()
     elector = (
         Elector.from_settings(k8s.ApiClient(api_configuration(settings)), settings)
         if settings.leader_election

@@ -32,10 +32,10 @@ from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 from kubernetes.config import incluster_config
 
-from kubetune_api.spec import SpecError, parse_spec
+from kubetune_api.spec import FineTuneJobSpec, SpecError, parse_spec
 from kubetune_api.status import TIMESTAMP
 
-from . import observability
+from . import kueue, observability
 from .crd import GROUP, PLURAL, VERSION
 from .manifests import FTJ_LABEL, InvalidSpec, Owner, children, desired_suspend
 from .progress import delete_group, parse_groups, read_groups
@@ -139,6 +139,16 @@ class Cluster:
             log.warning("cannot read the Events of Job %s/%s: %s", namespace, meta["name"], e.reason)
             return None
         return newest_create_failure(self._raw(response).get("items") or [], job)
+
+    def patch_workload(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Merge `patch` into a Kueue Workload; one gone meanwhile is left to its deletion event."""
+        try:
+            self.custom.patch_namespaced_custom_object(
+                kueue.GROUP, kueue.VERSION, namespace, kueue.PLURAL, name, patch, _preload_content=False
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         """Set the Job's suspend flag; a Job gone meanwhile is left to its deletion event."""
@@ -294,6 +304,28 @@ def pods_by_owner(body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], 
     return {(namespace, str(_owner_name(body))): plain(pod_view(body))}
 
 
+def workloads_by_job(body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Kueue's Workloads of Jobs, by the Job's name (a FineTuneJob's Job has its name). Registered by
+    register_kueue(), with Kueue support on."""
+    view = kueue.workload_view(plain(body))
+    return {(namespace, str(view["job"]["name"])): view} if view else {}
+
+
+def workload_changed(body: Any, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    """A Workload's change reconciles its Job's FineTuneJob: the Workload may need to follow
+    runPolicy.suspend (one just created for a suspended FineTuneJob), and status explains the wait."""
+    if view := kueue.workload_view(plain(body)):
+        state: State = memo.state
+        if ftj := state.indices.first(state.indices.finetunejobs, (namespace, str(view["job"]["name"]))):
+            reconcile(ftj, state)
+
+
+def register_kueue() -> None:
+    """Watch Kueue's Workloads (kueue.x-k8s.io/v1beta2): called before kopf runs, with Kueue support on."""
+    kopf.index(kueue.GROUP, kueue.VERSION, kueue.PLURAL)(workloads_by_job)
+    kopf.on.event(kueue.GROUP, kueue.VERSION, kueue.PLURAL)(workload_changed)
+
+
 @dataclass(frozen=True)
 class Indices:
     """kopf's indices, as every handler receives them (by the indexing functions' names)."""
@@ -301,11 +333,14 @@ class Indices:
     finetunejobs: Index
     jobs: Index
     pods: Index
+    workloads: Index
 
     @classmethod
     def of(cls, kwargs: Mapping[str, Any]) -> Indices:
-        """From a handler's keyword arguments (kopf's indices live as long as the operator)."""
-        return cls(kwargs["finetunejobs"], kwargs["jobs_by_owner"], kwargs["pods_by_owner"])
+        """From a handler's keyword arguments (kopf's indices live as long as the operator); the
+        Workloads' is empty without Kueue support."""
+        workloads = kwargs.get(workloads_by_job.__name__, {})
+        return cls(kwargs["finetunejobs"], kwargs["jobs_by_owner"], kwargs["pods_by_owner"], workloads)
 
     @staticmethod
     def first(index: Index, key: tuple[str, str]) -> dict[str, Any] | None:
@@ -371,8 +406,18 @@ def reconcile(ftj: dict[str, Any], state: State) -> None:
     suspend = desired_suspend(spec, job["spec"]["suspend"])
     if suspend is not None:
         state.cluster.suspend_job(owner.namespace, owner.name, suspend)
+    workload = _workload(ftj, job, state) if spec.scheduling.queue_name else None
+    if patch := kueue.activation(workload, suspend=spec.run_policy.suspend, owner_uid=owner.uid):
+        assert workload is not None
+        state.cluster.patch_workload(owner.namespace, workload["metadata"]["name"], patch)
     refresh(owner.namespace, owner.name, state, event_job=job)
     observability.reconciled("ok", started)
+
+
+def _workload(ftj: dict[str, Any], job: dict[str, Any] | None, state: State) -> dict[str, Any] | None:
+    """Kueue's Workload of the FineTuneJob's Job, as indexed (None without Kueue support)."""
+    meta, indices = ftj["metadata"], state.indices
+    return kueue.of_job(indices.workloads.get((meta["namespace"], meta["name"]), ()), job)
 
 
 def _own_job(ftj: dict[str, Any], indices: Indices) -> dict[str, Any] | None:
@@ -509,7 +554,7 @@ def refresh(
             now=now(),
             progress=progress or previous.get("progress"),
             create_failure=create_failure,
-            queue=None if spec.run_policy.suspend else spec.scheduling.queue_name,
+            queued=_queued(spec, ftj, job, state),
         )
         if _changed(previous, status):
             written.write(ftj, status)
@@ -519,6 +564,16 @@ def refresh(
                 state.cluster.event(ftj, kind, status["phase"], status.get("message") or status["phase"])
     observability.record_phase(namespace, name, status["phase"])
     return status
+
+
+def _queued(
+    spec: FineTuneJobSpec, ftj: dict[str, Any], job: dict[str, Any] | None, state: State
+) -> tuple[str, str] | None:
+    """Why Kueue holds the Job of a FineTuneJob in a queue that its user has not suspended."""
+    queue = spec.scheduling.queue_name
+    if not queue or spec.run_policy.suspend:
+        return None
+    return kueue.explain(_workload(ftj, job, state), queue)
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -20,6 +20,11 @@ CONTAINER = "trainer"
 FTJ_LABEL = "kubetune.io/finetunejob"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune"}
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: Kueue's pod-template annotations that ask its topology-aware scheduling for one domain of a level.
+TOPOLOGY_ANNOTATIONS = {
+    "Required": "kueue.x-k8s.io/podset-required-topology",
+    "Preferred": "kueue.x-k8s.io/podset-preferred-topology",
+}
 NODE_RANK_FIELD = f"metadata.annotations['{COMPLETION_INDEX}']"
 SCRATCH = {"tmp": "/tmp", "cache": "/cache", "dshm": "/dev/shm"}
 
@@ -202,7 +207,10 @@ def pod_template(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings
         pod["priorityClassName"] = sched.priority_class_name
     if spec.resources.nodes > 1:
         pod["subdomain"] = service_name(owner)
-    return {"metadata": {"labels": labels(owner)}, "spec": pod}
+    meta: dict[str, Any] = {"labels": labels(owner)}
+    if sched.topology:
+        meta["annotations"] = {TOPOLOGY_ANNOTATIONS[sched.topology.mode]: sched.topology.level}
+    return {"metadata": meta, "spec": pod}
 
 
 def failure_policy() -> dict[str, Any]:
@@ -285,8 +293,9 @@ def children(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) ->
 
 
 def desired_suspend(spec: FineTuneJobSpec, current: bool) -> bool | None:
-    """The Job's suspend flag to set, or None to leave it: with Kueue, only Kueue unsuspends."""
+    """The Job's suspend flag to set, or None to leave it. A Job in a Kueue queue is Kueue's to suspend
+    and unsuspend (runPolicy.suspend goes through its Workload: kueue.activation)."""
     wanted = spec.run_policy.suspend
-    if spec.scheduling.queue_name and not wanted:
+    if spec.scheduling.queue_name:
         return None
     return wanted if wanted != current else None

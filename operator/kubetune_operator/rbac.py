@@ -15,6 +15,18 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
 ]
 
+#: With Kueue support on (the chart's kueue.enabled): read the Workloads Kueue keeps for the Jobs, to explain
+#: a wait or a preemption, and patch one's spec.active, the only way to stop a Job that Kueue admitted
+#: (Kueue unsuspends an admitted Job that anyone else suspends).
+KUEUE_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["get", "list", "watch", "patch"]},
+]
+
+
+def rules(*, kueue: bool) -> list[dict[str, Any]]:
+    """The operator's rules, with Kueue's when its support is on."""
+    return RULES + (KUEUE_RULES if kueue else [])
+
 
 def lease_rules(name: str) -> list[dict[str, Any]]:
     """Leader election's rules, granted by a Role in the operator's own namespace only (never the

@@ -46,6 +46,12 @@ class OperatorSettings(BaseSettings):
     termination_grace_seconds: int = Field(
         60, ge=5, description="Pod grace period: time for the job to commit a checkpoint on SIGTERM."
     )
+    kueue: bool = Field(
+        False,
+        description="Read (and patch spec.active of) Kueue's Workloads of FineTuneJobs that name a queue: status "
+        "explains a wait or a preemption in Kueue's words, and runPolicy.suspend works through the Workload "
+        "(Kueue unsuspends an admitted Job that anyone else suspends). Needs Kueue's CRDs (the chart's kueue.enabled).",
+    )
     run_as_user: int = Field(1000, description="UID the job's pods run as (the job image's user).")
     master_port: int = Field(29500, description="torchrun rendezvous port for multi-node jobs.")
     service_account_dir: Path = Field(

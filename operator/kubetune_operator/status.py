@@ -190,11 +190,12 @@ def phase_of(
     job: dict[str, Any] | None,
     pods: Sequence[dict[str, Any]],
     create_failure: str | None = None,
-    queue: str | None = None,
+    queued: tuple[str, str] | None = None,
 ) -> tuple[str, str, str]:
     """(phase, reason, message) of a FineTuneJob from its Job and pods, and why the Job controller could
-    not create a pod (the message of the Job's newest FailedCreate Event), if it could not. ``queue``: the
-    Kueue queue of a FineTuneJob its user has not suspended, whose suspended Job waits for Kueue."""
+    not create a pod (the message of the Job's newest FailedCreate Event), if it could not. ``queued``:
+    for a FineTuneJob in a Kueue queue that its user has not suspended, why Kueue holds its Job while
+    the Job is suspended (kueue.explain)."""
     if job is None:
         if create_failure:
             return "Pending", create_failure_reason(create_failure), create_failure
@@ -205,8 +206,8 @@ def phase_of(
     if failed := _true(conditions, "Failed") or _true(conditions, "FailureTarget"):
         return "Failed", failed.get("reason") or "Failed", failed.get("message") or ""
     if job.get("spec", {}).get("suspend"):
-        if queue:
-            return "Pending", "Queued", f"waiting in Kueue's queue {queue} until Kueue admits it"
+        if queued:
+            return "Pending", *queued
         return "Suspended", "Suspended", "the Job is suspended"
     if any(p.get("status", {}).get("phase") == "Running" for p in pods):
         return "Running", "Running", "training"
@@ -290,14 +291,15 @@ def derive(
     now: str,
     progress: dict[str, Any] | None = None,
     create_failure: str | None = None,
-    queue: str | None = None,
+    queued: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """The status of a FineTuneJob (what a merge patch of .status sets).
 
     create_failure: the message of the Job's newest FailedCreate Event (or of the operator's refused
     create of the Job), when one was just read; without it, the failure the previous status reported
-    holds until a pod exists. An ended FineTuneJob keeps its phase, conditions and times: only its
-    job's summary may still fill in what the first write lacked."""
+    holds until a pod exists. queued: why Kueue holds the Job while it is suspended (see phase_of).
+    An ended FineTuneJob keeps its phase, conditions and times: only its job's summary may still fill
+    in what the first write lacked."""
     ordered = sorted(pods, key=_created)
     # The run's summary is node 0's (each node's first process writes one; node 0's is the run's).
     leading = sorted(ordered, key=_leads)
@@ -305,7 +307,7 @@ def derive(
     if previous.get("phase") in ENDED:
         phase = previous["phase"]
         return {"phase": phase, **(from_summary(final, metrics, phase) if final else {})}
-    phase, reason, message = phase_of(job, pods, create_failure or previous_create_failure(previous), queue)
+    phase, reason, message = phase_of(job, pods, create_failure or previous_create_failure(previous), queued)
     counts, restart_reason_now = restart_counts(ordered, previous, phase=phase)
     status: dict[str, Any] = {
         "phase": phase,

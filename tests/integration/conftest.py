@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require_binaries
 from tests.kube import apply, get, install_crd, kubectl, operator_account, operator_process, wait_for
 from tests.models import build_tiny_bert, write_pairs
+from tests.testbed import binaries
 
 
 class Operator:
@@ -51,16 +53,23 @@ def assets() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def operator(control_plane: Any, kubelet: Any, pushgateway: Any, testbed_dir: Path) -> Iterator[Operator]:
+def operator_under_test(control_plane: Any, pushgateway: Any, testbed_dir: Path, *, kueue: bool = False) -> Operator:
+    """The operator (not started) with the tests' settings, under the operator's RBAC rules."""
     install_crd(control_plane)
     settings = {
         "allowed_image_prefixes": '["registry.test/"]',
         "pushgateway_url": pushgateway.url,
         "progress_interval_seconds": "2",
         "pushgateway_group_ttl_seconds": "3600",
+        "kueue": str(kueue).lower(),
     }
-    op = Operator(operator_account(control_plane, testbed_dir), testbed_dir / "operator", **settings)
+    account = operator_account(control_plane, testbed_dir, kueue=kueue)
+    return Operator(account, testbed_dir / "operator", **settings)
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane: Any, kubelet: Any, pushgateway: Any, testbed_dir: Path) -> Iterator[Operator]:
+    op = operator_under_test(control_plane, pushgateway, testbed_dir)
     op.start()
     yield op
     op.stop()
@@ -114,3 +123,27 @@ def run(control_plane: Any, operator: Operator, namespace: str, assets: Path) ->
         return doc
 
     return go
+
+
+#: Kueue's waitForPodsReady timeout on the test bed: an admitted workload whose pods are not all ready
+#: by then is evicted (PodsReadyTimeout) and queued again. Long enough for every pod the tests expect to run.
+PODS_READY_TIMEOUT = 40
+
+
+@pytest.fixture(scope="module")
+def kueue(control_plane: Any, testbed_dir: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Kueue for one module only (its webhooks see every Job while it runs), with waitForPodsReady."""
+    require_binaries(binaries.KUEUE, "Kueue")
+    from tests.testbed.kueue import Kueue
+
+    workdir = testbed_dir / "kueue" / request.module.__name__.rpartition(".")[2]
+    manager = Kueue.start(workdir, control_plane, pods_ready_timeout=PODS_READY_TIMEOUT)
+    yield manager
+    manager.stop()
+
+
+def workload_of(plane: Any, namespace: str, job: str) -> dict[str, Any] | None:
+    """Kueue's Workload of the Job ``job`` (by the Job's uid, which Kueue puts in a label)."""
+    uid = ((get(plane, "job", job, namespace) or {}).get("metadata") or {}).get("uid")
+    out = kubectl(plane, "get", "workloads", "-n", namespace, "-l", f"kueue.x-k8s.io/job-uid={uid}", "-o", "json")
+    return next(iter(json.loads(out.stdout)["items"]), None) if uid else None

@@ -623,6 +623,7 @@ def at_limits(name: str, nodes: int) -> dict[str, Any]:
                 ],
                 "priorityClassName": PREFIX,
                 "queueName": LABEL_VALUE,
+                "topology": {"level": LABEL_KEY, "mode": "Preferred"},
             },
             "runPolicy": {
                 "maxRetries": 100,

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from kubetune_operator.crd import crd
-from kubetune_operator.rbac import RULES, lease_rules
+from kubetune_operator.rbac import RULES, lease_rules, rules
 from tests.kube import get, kubectl, wait_for
 from tests.testbed import binaries, processes
 
@@ -65,13 +65,16 @@ def test_chart_crd_is_the_generated_one() -> None:
 
 
 def test_chart_rbac_is_the_operators_rules_and_no_secrets() -> None:
-    """The ClusterRole (or each namespaced Role) grants exactly rbac.RULES: no Secrets, no wildcards."""
+    """The ClusterRole (or each namespaced Role) grants exactly rbac.RULES, and Kueue's Workloads only with
+    kueue.enabled: no Secrets, no wildcards."""
     (role,) = [d for d in rendered() if d["kind"] == "ClusterRole"]
     assert role["rules"] == RULES
     roles = [d for d in rendered("--set", "operator.watchNamespaces={a,b}") if d["kind"] == "Role"]
     watching = [r for r in roles if not r["metadata"]["name"].endswith("-leader-election")]
     assert [r["metadata"]["namespace"] for r in watching] == ["a", "b"] and all(r["rules"] == RULES for r in watching)
-    flat = json.dumps(RULES)
+    (with_kueue,) = [d for d in rendered("--set", "kueue.enabled=true") if d["kind"] == "ClusterRole"]
+    assert with_kueue["rules"] == rules(kueue=True) != RULES
+    flat = json.dumps(rules(kueue=True))
     assert "secrets" not in flat and "*" not in flat
 
 

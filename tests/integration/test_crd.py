@@ -136,6 +136,18 @@ def test_what_the_job_or_service_would_refuse_is_refused_here(
     assert field in rejected(installed, namespace, doc)
 
 
+def test_topology_without_a_queue_is_refused_naming_topology(installed: Any, namespace: str) -> None:
+    """Only Kueue reads scheduling.topology: without queueName the server refuses it, on that field and with
+    the CLI's message; with a queue it is stored with its default mode."""
+    topology = {"level": "example.com/rack"}
+    err = rejected(installed, namespace, with_spec(scheduling={"topology": topology}))
+    assert "spec.scheduling.topology" in err and "set scheduling.queueName" in err, err
+    queued = with_spec(scheduling={"queueName": "team", "topology": topology})
+    assert apply(installed, namespace, queued).returncode == 0
+    stored = json.loads(kubectl(installed, "get", "ftj", "bert-mrpc", "-n", namespace, "-o", "json").stdout)
+    assert stored["spec"]["scheduling"]["topology"] == {**topology, "mode": "Required"}
+
+
 def test_duplicate_metrics_are_refused(installed: Any, namespace: str) -> None:
     """metrics is a set: a metric listed twice is refused, as the CLI refuses it."""
     assert "spec.metrics[1]: Duplicate value" in rejected(installed, namespace, with_spec(metrics=["f1", "f1"]))

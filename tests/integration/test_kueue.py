@@ -1,5 +1,7 @@
-"""FineTuneJobs under Kueue (its real controller manager and webhooks) on the real control plane:
-quota, queueing, and who flips a Job's suspend flag."""
+"""FineTuneJobs under Kueue (its real controller manager and webhooks) and the operator with its Kueue
+support on, on the real control plane: quota and queueing, priority preemption and resume, gang
+admission of a two-node run, a user's suspend while Kueue holds the Job, and, over every test, who
+flips a Job's suspend flag (Kueue, never the operator)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,17 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes import watch
 
-from tests.conftest import require_binaries
-from tests.integration.conftest import status, wait_phase
+from tests.integration.conftest import (
+    PODS_READY_TIMEOUT,
+    Operator,
+    committed,
+    operator_under_test,
+    pods,
+    status,
+    wait_phase,
+    workload_of,
+)
 from tests.kube import apply, get, wait_for
-from tests.testbed import binaries
 
 pytestmark = pytest.mark.integration
 API = "kueue.x-k8s.io/v1beta2"
@@ -23,30 +32,30 @@ FLAVOR = "gpu"
 
 
 @pytest.fixture(scope="module")
-def kueue(control_plane: Any, testbed_dir: Any) -> Iterator[Any]:
-    """Kueue for this module only: its webhooks see every Job while it runs."""
-    require_binaries(binaries.KUEUE, "Kueue")
-    from tests.testbed.kueue import Kueue
+def operator(control_plane: Any, kubelet: Any, pushgateway: Any, testbed_dir: Any, kueue: Any) -> Iterator[Operator]:
+    """The operator with Kueue support on (it watches Workloads, under rbac.rules(kueue=True)), started
+    once Kueue's CRDs are in."""
+    op = operator_under_test(control_plane, pushgateway, testbed_dir, kueue=True)
+    op.start()
+    yield op
+    op.stop()
 
-    manager = Kueue.start(testbed_dir / "kueue", control_plane)
-    yield manager
-    manager.stop()
 
-
-@pytest.fixture
-def queue(control_plane: Any, kueue: Any, namespace: str) -> str:
-    """A LocalQueue ``team`` in the test's namespace, on a ClusterQueue with a quota of one GPU."""
+def make_queue(plane: Any, namespace: str, *, gpus: int) -> str:
+    """A LocalQueue ``team`` in ``namespace`` on a ClusterQueue of its own with a quota of ``gpus`` GPUs,
+    where a workload of higher priority preempts one of lower priority."""
     cluster_queue = f"cq-{namespace}"[:63]
-    apply(control_plane, {"apiVersion": API, "kind": "ResourceFlavor", "metadata": {"name": FLAVOR}})
-    quota = [("cpu", "64"), ("memory", "256Gi"), ("nvidia.com/gpu", "1")]
+    apply(plane, {"apiVersion": API, "kind": "ResourceFlavor", "metadata": {"name": FLAVOR}})
+    quota = [("cpu", "64"), ("memory", "256Gi"), ("nvidia.com/gpu", str(gpus))]
     apply(
-        control_plane,
+        plane,
         {
             "apiVersion": API,
             "kind": "ClusterQueue",
             "metadata": {"name": cluster_queue},
             "spec": {
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "preemption": {"withinClusterQueue": "LowerPriority"},
                 "resourceGroups": [
                     {
                         "coveredResources": [name for name, _ in quota],
@@ -57,8 +66,47 @@ def queue(control_plane: Any, kueue: Any, namespace: str) -> str:
         },
     )
     local = {"apiVersion": API, "kind": "LocalQueue", "metadata": {"name": "team"}}
-    apply(control_plane, {**local, "spec": {"clusterQueue": cluster_queue}}, namespace=namespace)
+    apply(plane, {**local, "spec": {"clusterQueue": cluster_queue}}, namespace=namespace)
     return "team"
+
+
+@pytest.fixture
+def queue(control_plane: Any, kueue: Any, namespace: str) -> str:
+    """A LocalQueue ``team`` on a ClusterQueue with a quota of one GPU."""
+    return make_queue(control_plane, namespace, gpus=1)
+
+
+@pytest.fixture(scope="module")
+def priorities(control_plane: Any) -> dict[str, str]:
+    """PriorityClasses ``low`` and ``high`` (Kueue takes a workload's priority from its pods')."""
+    names = {"low": "kubetune-test-low", "high": "kubetune-test-high"}
+    for level, value in (("low", 100), ("high", 1000)):
+        apply(
+            control_plane,
+            {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": names[level]}}
+            | {"value": value, "preemptionPolicy": "Never"},
+        )
+    return names
+
+
+def wait_reason(plane: Any, namespace: str, name: str, reason: str, *, timeout: float) -> dict[str, Any]:
+    """The FineTuneJob's status once its Running condition has ``reason`` (why it is not running)."""
+
+    def seen() -> dict[str, Any] | None:
+        st = status(plane, namespace, name)
+        running = {c["type"]: c for c in st.get("conditions") or ()}.get("Running", {})
+        return st if running.get("reason") == reason else None
+
+    return wait_for(f"{name} to say {reason}", seen, timeout=timeout)
+
+
+def running_pods(plane: Any, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [p for p in pods(plane, namespace, name) if p["status"].get("phase") in ("Pending", "Running")]
+
+
+def summary(pod: dict[str, Any]) -> dict[str, Any]:
+    """The job's summary: the termination message of a pod that ended."""
+    return dict(json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]))
 
 
 class SuspendFlips:
@@ -116,7 +164,8 @@ def test_second_job_waits_for_the_quota_and_starts_when_the_first_ends(
             lambda: (s := status(control_plane, namespace, "second")).get("phase") == "Pending" and s,
             timeout=60,
         )
-        assert queue in waiting["message"] and "Kueue" in waiting["message"], waiting
+        # The queue, and Kueue's own words from the Workload: what the quota lacks.
+        assert queue in waiting["message"] and "insufficient unused quota" in waiting["message"], waiting
         running = {c["type"]: c for c in waiting["conditions"]}["Running"]
         assert running["status"] == "False" and running["reason"] == "Queued", waiting
         assert status(control_plane, namespace, "first")["phase"] == "Running"
@@ -124,3 +173,119 @@ def test_second_job_waits_for_the_quota_and_starts_when_the_first_ends(
         wait_phase(control_plane, namespace, "second", "Succeeded", timeout=300)
     assert {(name, suspend) for name, suspend, _ in watcher.flips} == {("first", False), ("second", False)}
     assert all("kueue" in manager.lower() for _, _, manager in watcher.flips), watcher.flips
+
+
+def assert_flips_are_kueues(watcher: SuspendFlips) -> None:
+    assert watcher.flips and all("kueue" in manager.lower() for _, _, manager in watcher.flips), watcher.flips
+
+
+def test_higher_priority_preempts_a_running_job_which_resumes_from_its_checkpoint(
+    control_plane: Any, kube_admin: Any, run: Any, queue: str, namespace: str, priorities: dict[str, str]
+) -> None:
+    """A higher-priority FineTuneJob preempts a running lower one through Kueue: the lower one's pod stops
+    at a committed checkpoint, its status says Preempted by Kueue (Pending, not Failed, no retry used),
+    and once the higher one ends it resumes from that checkpoint and ends at the uninterrupted final step."""
+    with SuspendFlips(kube_admin, namespace) as watcher:
+        low = run(
+            "low",
+            hyperparameters={"epochs": 10},  # 1000 steps: still training when the higher one comes
+            scheduling={"queueName": queue, "priorityClassName": priorities["low"]},
+            runPolicy={"maxRetries": 0},  # a preemption that used a retry would fail the run
+        )
+        wait_phase(control_plane, namespace, "low", "Running", timeout=180)
+        wait_for("a committed checkpoint", lambda: committed(low), timeout=180, every=0.2)
+        run("high", scheduling={"queueName": queue, "priorityClassName": priorities["high"]})
+        preempted = wait_reason(control_plane, namespace, "low", "Preempted", timeout=120)
+        assert preempted["phase"] == "Pending" and "preempted by Kueue" in preempted["message"], preempted
+        assert "prioritization" in preempted["message"] and queue in preempted["message"], preempted
+        wait_for("the lower one's pod to stop", lambda: not running_pods(control_plane, namespace, "low"), timeout=90)
+        stopped_at = max(committed(low))  # its SIGTERM checkpoint, committed before the pod ended
+        wait_phase(control_plane, namespace, "high", "Succeeded", timeout=300)
+        done = wait_phase(control_plane, namespace, "low", "Succeeded", timeout=400)
+    assert ("low", True) in {(n, s) for n, s, _ in watcher.flips}
+    assert_flips_are_kueues(watcher)
+    assert done["progress"]["step"] == done["progress"]["totalSteps"] == 1000, done
+    assert done["preemptions"] >= 1 and done["failureCount"] == done["preemptions"], done  # no error counted
+    assert done["lastRestartReason"] == "Preempted", done
+    job = get(control_plane, "job", "low", namespace) or {}
+    assert not job["status"].get("failed"), job["status"]  # the Job's retries were not touched
+    resumed = summary(pods(control_plane, namespace, "low")[-1])
+    assert resumed["resumedFromStep"] == stopped_at >= 20 and resumed["finalStep"] == 1000, resumed
+
+
+def test_two_node_job_is_admitted_as_one_unit(
+    control_plane: Any, kube_admin: Any, run: Any, kueue: Any, namespace: str
+) -> None:
+    """A two-node FineTuneJob (one GPU per node) with one GPU of a two-GPU quota in use waits with no pod at
+    all (Kueue admits both pods or none), then starts both at once and trains as one run."""
+    team = make_queue(control_plane, namespace, gpus=2)
+    with SuspendFlips(kube_admin, namespace) as watcher:
+        run("single", hyperparameters={"epochs": 3}, scheduling={"queueName": team})
+        wait_phase(control_plane, namespace, "single", "Running", timeout=180)
+        run("pair", resources={"nodes": 2, "gpus": 1}, scheduling={"queueName": team})
+        waiting = wait_for(
+            "the pair to be queued for quota",
+            lambda: (
+                "insufficient unused quota" in (s := status(control_plane, namespace, "pair")).get("message", "") and s
+            ),
+            timeout=60,
+        )
+        assert waiting["phase"] == "Pending", waiting
+        while status(control_plane, namespace, "single").get("phase") == "Running":
+            assert pods(control_plane, namespace, "pair") == []  # not one pod while only one GPU is free
+        done = wait_phase(control_plane, namespace, "pair", "Succeeded", timeout=400)
+    assert_flips_are_kueues(watcher)
+    assert {(n, s) for n, s, _ in watcher.flips} == {("single", False), ("pair", False)}
+    assert done["progress"]["step"] == 50, done  # 800 examples, 8 per process, 2 processes
+    ran = pods(control_plane, namespace, "pair")
+    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in ran) == ["0", "1"]
+    admitted = workload_of(control_plane, namespace, "pair") or {}
+    (podset,) = admitted["status"]["admission"]["podSetAssignments"]
+    assert podset["count"] == 2 and podset["resourceUsage"]["nvidia.com/gpu"] == "2", podset
+
+
+def test_user_suspend_while_kueue_holds_the_job_stays_suspended_and_resumes(
+    control_plane: Any, kube_admin: Any, run: Any, queue: str, namespace: str
+) -> None:
+    """runPolicy.suspend on a running FineTuneJob that Kueue admitted: the operator deactivates its Workload,
+    Kueue stops the Job (it would unsuspend a Job anyone else suspended), the FineTuneJob stays Suspended;
+    suspend: false makes Kueue admit it again and it resumes from its checkpoint."""
+    with SuspendFlips(kube_admin, namespace) as watcher:
+        doc = run("pausable", hyperparameters={"epochs": 6}, scheduling={"queueName": queue})
+        wait_phase(control_plane, namespace, "pausable", "Running", timeout=180)
+        wait_for("a committed checkpoint", lambda: committed(doc), timeout=180, every=0.2)
+        doc["spec"]["runPolicy"] = {"suspend": True}
+        assert apply(control_plane, doc, namespace=namespace).returncode == 0
+        wait_phase(control_plane, namespace, "pausable", "Suspended", timeout=90)
+        wait_for(
+            "pods gone",
+            lambda: all(
+                p["status"].get("phase") in ("Failed", "Succeeded") for p in pods(control_plane, namespace, "pausable")
+            ),
+        )
+        stopped_at = max(committed(doc))
+        workload = workload_of(control_plane, namespace, "pausable") or {}
+        assert workload["spec"]["active"] is False, workload
+        # It stays suspended: Kueue does not admit an inactive Workload, and nobody unsuspends the Job.
+        for _ in range(10):
+            assert status(control_plane, namespace, "pausable")["phase"] == "Suspended"
+            assert (get(control_plane, "job", "pausable", namespace) or {})["spec"]["suspend"] is True
+        doc["spec"]["runPolicy"] = {"suspend": False}
+        assert apply(control_plane, doc, namespace=namespace).returncode == 0
+        wait_phase(control_plane, namespace, "pausable", "Succeeded", timeout=300)
+    assert [(n, s) for n, s, _ in watcher.flips] == [("pausable", False), ("pausable", True), ("pausable", False)]
+    assert_flips_are_kueues(watcher)
+    resumed = summary(pods(control_plane, namespace, "pausable")[-1])
+    assert resumed["resumedFromStep"] == stopped_at >= 20 and resumed["finalStep"] == 600, resumed
+
+
+def test_pods_not_ready_in_time_are_evicted_and_status_says_so(
+    control_plane: Any, run: Any, queue: str, namespace: str
+) -> None:
+    """Kueue admits a FineTuneJob whose pod can never run (no node has the label it requires); after
+    waitForPodsReady's timeout Kueue evicts it and queues it again, and status says why, in the user's words."""
+    run("stuck", scheduling={"queueName": queue, "nodeSelector": {"example.com/no-such-pool": "true"}})
+    wait_reason(control_plane, namespace, "stuck", "Unschedulable", timeout=120)
+    evicted = wait_reason(control_plane, namespace, "stuck", "PodsReadyTimeout", timeout=PODS_READY_TIMEOUT + 60)
+    assert evicted["phase"] == "Pending" and "not ready in time" in evicted["message"] and queue in evicted["message"]
+    assert (get(control_plane, "job", "stuck", namespace) or {})["spec"]["suspend"] is True

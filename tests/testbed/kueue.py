@@ -59,8 +59,13 @@ def webhook_configurations(manifests: list[dict[str, Any]], *, port: int, ca_bun
     return out
 
 
-def configuration(*, webhook_port: int, health_port: int, metrics_port: int, cert_dir: Path) -> dict[str, Any]:
-    return {
+def configuration(
+    *, webhook_port: int, health_port: int, metrics_port: int, cert_dir: Path, pods_ready_timeout: float | None = None
+) -> dict[str, Any]:
+    """The manager's Configuration; with ``pods_ready_timeout`` (seconds), waitForPodsReady: a workload
+    whose pods are not all ready that long after admission is evicted (PodsReadyTimeout) and requeued."""
+    ready = {"waitForPodsReady": {"timeout": f"{pods_ready_timeout:g}s"}} if pods_ready_timeout else {}
+    return ready | {
         "apiVersion": "config.kueue.x-k8s.io/v1beta2",
         "kind": "Configuration",
         "namespace": "kueue-system",
@@ -86,7 +91,9 @@ class Kueue:
     webhooks: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, workdir: Path, plane: ControlPlane, *, timeout: float = 120.0) -> Kueue:
+    def start(
+        cls, workdir: Path, plane: ControlPlane, *, timeout: float = 120.0, pods_ready_timeout: float | None = None
+    ) -> Kueue:
         manifests = manifests_dir()
         workdir.mkdir(parents=True, exist_ok=True)
         plane.kubectl("apply", "--server-side", "-f", str(manifests / "crds"), timeout=120)
@@ -106,6 +113,7 @@ class Kueue:
                     health_port=ports["health"],
                     metrics_port=ports["metrics"],
                     cert_dir=certs,
+                    pods_ready_timeout=pods_ready_timeout,
                 )
             )
         )

@@ -117,6 +117,9 @@ def test_kueue_queue_creates_the_job_suspended_and_never_unsuspends() -> None:
     job = job_of(scheduling={"queueName": "team-a"})
     assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert desired_suspend(spec(scheduling={"queueName": "team-a"}), current=True) is None
+    # Suspended by its user while Kueue holds it: still Kueue's flag (the Workload is deactivated instead).
+    queued_and_suspended = spec(scheduling={"queueName": "team-a"}, runPolicy={"suspend": True})
+    assert desired_suspend(queued_and_suspended, current=False) is None
     assert desired_suspend(spec(runPolicy={"suspend": True}), current=False) is True
 
 
@@ -124,7 +127,7 @@ def test_a_suspended_job_waiting_for_kueue_is_queued_not_suspended() -> None:
     """A suspended Job of a queued FineTuneJob its user did not suspend waits for Kueue: Pending, Queued,
     naming the queue; without a queue (or suspended by its user) it is Suspended."""
     suspended = {"metadata": {"name": "j"}, "spec": {"suspend": True}, "status": {}}
-    phase, reason, message = phase_of(suspended, [], None, "team-a")
+    phase, reason, message = phase_of(suspended, [], None, ("Queued", "waiting in Kueue's queue team-a"))
     assert (phase, reason) == ("Pending", "Queued") and "team-a" in message
     assert phase_of(suspended, [], None, None)[:2] == ("Suspended", "Suspended")
 

@@ -26,7 +26,7 @@ http://{{ include "kubetune.fullname" . }}-pushgateway.{{ .Release.Namespace }}.
 {{- end -}}
 {{- end -}}
 
-{{/* The operator's RBAC rules: operator/kubetune_operator/rbac.py, kept equal by a test. */}}
+{{/* The operator's RBAC rules: operator/kubetune_operator/rbac.py rules(kueue=...), kept equal by a test. */}}
 {{- define "kubetune.rules" -}}
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
@@ -46,6 +46,11 @@ http://{{ include "kubetune.fullname" . }}-pushgateway.{{ .Release.Namespace }}.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]
+{{- if .Values.kueue.enabled }}
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
 {{- end -}}
 
 {{/* The leader-election Lease: one per release, named like the operator. */}}
