@@ -166,6 +166,9 @@ class ContainerRun:
             if self.container_id is not None:
                 podman.kill(self.container_id, sig.name)
                 return
+            if sig == signal.SIGKILL:  # a runtime kills the container's every process, in any session
+                processes.kill_tree(self.popen.pid)
+                return
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
 

@@ -130,6 +130,35 @@ def stop_group(pid: int, *, grace: float, wait: Callable[[float], int] | None = 
     return code
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, read from /proc: also those that left its process group for a
+    session of their own (torchrun's workers do), which a signal to the group misses."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every descendant, wherever its group: what a container
+    runtime's kill of a container's cgroup does. The descendants are read before anything dies (an
+    orphan's parent is no longer ``pid``'s line)."""
+    tree = descendants(pid)
+    _signal_group(pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> bool:
     try:
         os.killpg(pid, sig)
