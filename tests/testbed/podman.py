@@ -168,8 +168,20 @@ def build(targets: Sequence[str] = TARGETS) -> dict[str, str]:
             subprocess.run(["podman", *args, str(REPO)], env=env(), check=True)
             _say(f"{target}: built {ref} in {time.monotonic() - started:.0f} s, {size(ref)} bytes")
         podman("tag", ref, f"{REPOSITORY.format(target=target)}:dev")
+        remove_stale(target, ref)
         built[target] = ref
     return built
+
+
+def remove_stale(target: str, keep: str) -> None:
+    """Remove the target's images of other digests: every change to the tree makes a new one (the job's
+    is 7 GB), and a machine that runs the tests often would fill its disk. One a container still uses stays."""
+    repository = REPOSITORY.format(target=target)
+    refs = podman("images", "--format", "{{.Repository}}:{{.Tag}}", repository).splitlines()
+    stale = sorted({r for r in refs if r not in (keep, f"{repository}:dev")})
+    if stale:
+        podman("rmi", *stale, check=False)
+        _say(f"{target}: removed {', '.join(stale)}")
 
 
 def size(ref: str) -> int:
