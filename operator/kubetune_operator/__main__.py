@@ -11,8 +11,12 @@ import os
 
 import kopf
 from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
 
-from . import handlers  # noqa: F401  (registers the handlers)
+from . import (
+    handlers,  # noqa: F401  (registers the handlers)
+    kueue,
+)
 from .handlers import api_configuration, register_kueue
 from .leader import Elector, standby_health
 from .settings import OperatorSettings
@@ -28,11 +32,28 @@ def kopf_settings() -> kopf.OperatorSettings:
     return settings
 
 
+def require_kueue(api: k8s.CustomObjectsApi) -> None:
+    """With Kueue support on, the API server must serve Kueue's Workloads when kopf starts: kopf watches
+    only what exists then (scanning is off), so without them the support would be off, silently."""
+    try:
+        served = [r.name for r in api.get_api_resources(kueue.GROUP, kueue.VERSION).resources]
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        served = []
+    if kueue.PLURAL not in served:
+        raise SystemExit(
+            f"KUBETUNE_OPERATOR_KUEUE is on, but the API server serves no {kueue.GROUP}/{kueue.VERSION} "
+            f"{kueue.PLURAL}: install Kueue (v0.19 or newer) first, or turn the chart's kueue.enabled off"
+        )
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("KUBETUNE_OPERATOR_LOG_LEVEL", "INFO"))
     settings = OperatorSettings()  # read from the environment once; the handlers get it through kopf's memo
     health = settings.health_port
     if settings.kueue:
+        require_kueue(k8s.CustomObjectsApi(k8s.ApiClient(api_configuration(settings))))
         register_kueue()
     elector = (
         Elector.from_settings(k8s.ApiClient(api_configuration(settings)), settings)

@@ -304,17 +304,24 @@ def pods_by_owner(body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], 
     return {(namespace, str(_owner_name(body))): plain(pod_view(body))}
 
 
+def _workload_view(body: Any) -> dict[str, Any] | None:
+    """A Workload's view (kueue.workload_view); the copy is made only for one a Job controls."""
+    if kueue.job_owner(body.get("metadata", {}).get("ownerReferences")) is None:
+        return None
+    return kueue.workload_view(plain(body))
+
+
 def workloads_by_job(body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Kueue's Workloads of Jobs, by the Job's name (a FineTuneJob's Job has its name). Registered by
     register_kueue(), with Kueue support on."""
-    view = kueue.workload_view(plain(body))
+    view = _workload_view(body)
     return {(namespace, str(view["job"]["name"])): view} if view else {}
 
 
 def workload_changed(body: Any, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     """A Workload's change reconciles its Job's FineTuneJob: the Workload may need to follow
-    runPolicy.suspend (one just created for a suspended FineTuneJob), and status explains the wait."""
-    if view := kueue.workload_view(plain(body)):
+    runPolicy.suspend, and status explains the wait."""
+    if view := _workload_view(body):
         state: State = memo.state
         if ftj := state.indices.first(state.indices.finetunejobs, (namespace, str(view["job"]["name"]))):
             reconcile(ftj, state)
@@ -398,6 +405,13 @@ def reconcile(ftj: dict[str, Any], state: State) -> None:
         if job is None:
             observability.reconciled("lost", started)
             return
+    if job is None and spec.scheduling.queue_name and spec.run_policy.suspend:
+        # Suspended before it started: no Job, so no Workload that Kueue could admit before the operator
+        # deactivates it. The Job is created, queued, when runPolicy.suspend is false.
+        why = f"suspended before it started: its Job joins Kueue's queue {spec.scheduling.queue_name} when "
+        _waiting(ftj, state, unstarted=why + "runPolicy.suspend is false")
+        observability.reconciled("suspended", started)
+        return
     if job is None:
         job, outcome = _create(ftj, state, objects)
         if job is None:
@@ -407,8 +421,9 @@ def reconcile(ftj: dict[str, Any], state: State) -> None:
     if suspend is not None:
         state.cluster.suspend_job(owner.namespace, owner.name, suspend)
     workload = _workload(ftj, job, state) if spec.scheduling.queue_name else None
-    if patch := kueue.activation(workload, suspend=spec.run_policy.suspend, owner_uid=owner.uid):
-        assert workload is not None
+    if workload is not None and (
+        patch := kueue.activation(workload, suspend=spec.run_policy.suspend, owner_uid=owner.uid)
+    ):
         state.cluster.patch_workload(owner.namespace, workload["metadata"]["name"], patch)
     refresh(owner.namespace, owner.name, state, event_job=job)
     observability.reconciled("ok", started)
@@ -492,8 +507,9 @@ def _end(ftj: dict[str, Any], state: State, reason: str, message: str) -> None:
             observability.transition(ftj, previous.get("phase"), "Failed")
 
 
-def _waiting(ftj: dict[str, Any], state: State, message: str) -> None:
-    """Say in status why the FineTuneJob has no Job yet; the periodic round tries again."""
+def _waiting(ftj: dict[str, Any], state: State, message: str | None = None, *, unstarted: str | None = None) -> None:
+    """Say in status why the FineTuneJob has no Job yet: its create failed (``message``; the periodic round
+    tries again), or its user suspended it before it started (``unstarted``)."""
     meta, written = ftj["metadata"], state.written
     with written.lock(meta["namespace"], meta["name"]):
         previous = written.status(ftj)
@@ -505,6 +521,7 @@ def _waiting(ftj: dict[str, Any], state: State, message: str) -> None:
             previous=previous,
             now=now(),
             create_failure=message,
+            unstarted=unstarted,
         )
         if _changed(previous, status):
             written.write(ftj, status)
@@ -569,11 +586,11 @@ def refresh(
 def _queued(
     spec: FineTuneJobSpec, ftj: dict[str, Any], job: dict[str, Any] | None, state: State
 ) -> tuple[str, str] | None:
-    """Why Kueue holds the Job of a FineTuneJob in a queue that its user has not suspended."""
-    queue = spec.scheduling.queue_name
-    if not queue or spec.run_policy.suspend:
+    """Why Kueue holds the suspended Job of a FineTuneJob in a queue (kueue.held)."""
+    if not (queue := spec.scheduling.queue_name):
         return None
-    return kueue.explain(_workload(ftj, job, state), queue)
+    workload = _workload(ftj, job, state)
+    return kueue.held(workload, queue, suspend=spec.run_policy.suspend, support=state.settings.kueue)
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

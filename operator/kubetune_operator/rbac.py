@@ -19,7 +19,7 @@ RULES: list[dict[str, Any]] = [
 #: a wait or a preemption, and patch one's spec.active, the only way to stop a Job that Kueue admitted
 #: (Kueue unsuspends an admitted Job that anyone else suspends).
 KUEUE_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "watch", "patch"]},
 ]
 
 

@@ -191,12 +191,16 @@ def phase_of(
     pods: Sequence[dict[str, Any]],
     create_failure: str | None = None,
     queued: tuple[str, str] | None = None,
+    unstarted: str | None = None,
 ) -> tuple[str, str, str]:
     """(phase, reason, message) of a FineTuneJob from its Job and pods, and why the Job controller could
     not create a pod (the message of the Job's newest FailedCreate Event), if it could not. ``queued``:
     for a FineTuneJob in a Kueue queue that its user has not suspended, why Kueue holds its Job while
-    the Job is suspended (kueue.explain)."""
+    the Job is suspended (kueue.held). ``unstarted``: why a FineTuneJob its user suspended before it
+    started has no Job yet."""
     if job is None:
+        if unstarted:
+            return "Suspended", "Suspended", unstarted
         if create_failure:
             return "Pending", create_failure_reason(create_failure), create_failure
         return "Pending", "Creating", "the Job is being created"
@@ -292,12 +296,14 @@ def derive(
     progress: dict[str, Any] | None = None,
     create_failure: str | None = None,
     queued: tuple[str, str] | None = None,
+    unstarted: str | None = None,
 ) -> dict[str, Any]:
     """The status of a FineTuneJob (what a merge patch of .status sets).
 
     create_failure: the message of the Job's newest FailedCreate Event (or of the operator's refused
     create of the Job), when one was just read; without it, the failure the previous status reported
-    holds until a pod exists. queued: why Kueue holds the Job while it is suspended (see phase_of).
+    holds until a pod exists. queued, unstarted: why Kueue holds the suspended Job, why there is no Job
+    yet (see phase_of).
     An ended FineTuneJob keeps its phase, conditions and times: only its job's summary may still fill
     in what the first write lacked."""
     ordered = sorted(pods, key=_created)
@@ -307,7 +313,7 @@ def derive(
     if previous.get("phase") in ENDED:
         phase = previous["phase"]
         return {"phase": phase, **(from_summary(final, metrics, phase) if final else {})}
-    phase, reason, message = phase_of(job, pods, create_failure or previous_create_failure(previous), queued)
+    phase, reason, message = phase_of(job, pods, create_failure or previous_create_failure(previous), queued, unstarted)
     counts, restart_reason_now = restart_counts(ordered, previous, phase=phase)
     status: dict[str, Any] = {
         "phase": phase,

@@ -68,8 +68,15 @@ def operator_under_test(control_plane: Any, pushgateway: Any, testbed_dir: Path,
 
 
 @pytest.fixture(scope="module")
-def operator(control_plane: Any, kubelet: Any, pushgateway: Any, testbed_dir: Path) -> Iterator[Operator]:
-    op = operator_under_test(control_plane, pushgateway, testbed_dir)
+def operator(
+    control_plane: Any, kubelet: Any, pushgateway: Any, testbed_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[Operator]:
+    """The operator for one module; a module that sets ``KUEUE = True`` gets it with its Kueue support on
+    (it watches Workloads, under rbac.rules(kueue=True)), started once the module's Kueue serves its CRDs."""
+    kueue = bool(getattr(request.module, "KUEUE", False))
+    if kueue:
+        request.getfixturevalue("kueue")
+    op = operator_under_test(control_plane, pushgateway, testbed_dir, kueue=kueue)
     op.start()
     yield op
     op.stop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+import time
 from typing import Any
 
 import pytest
@@ -16,9 +16,7 @@ from kubernetes import watch
 
 from tests.integration.conftest import (
     PODS_READY_TIMEOUT,
-    Operator,
     committed,
-    operator_under_test,
     pods,
     status,
     wait_phase,
@@ -27,18 +25,10 @@ from tests.integration.conftest import (
 from tests.kube import apply, get, wait_for
 
 pytestmark = pytest.mark.integration
+#: The operator runs with its Kueue support on (tests/integration/conftest.py's operator fixture).
+KUEUE = True
 API = "kueue.x-k8s.io/v1beta2"
 FLAVOR = "gpu"
-
-
-@pytest.fixture(scope="module")
-def operator(control_plane: Any, kubelet: Any, pushgateway: Any, testbed_dir: Any, kueue: Any) -> Iterator[Operator]:
-    """The operator with Kueue support on (it watches Workloads, under rbac.rules(kueue=True)), started
-    once Kueue's CRDs are in."""
-    op = operator_under_test(control_plane, pushgateway, testbed_dir, kueue=True)
-    op.start()
-    yield op
-    op.stop()
 
 
 def make_queue(plane: Any, namespace: str, *, gpus: int) -> str:
@@ -233,6 +223,7 @@ def test_two_node_job_is_admitted_as_one_unit(
         assert waiting["phase"] == "Pending", waiting
         while status(control_plane, namespace, "single").get("phase") == "Running":
             assert pods(control_plane, namespace, "pair") == []  # not one pod while only one GPU is free
+            time.sleep(0.5)
         done = wait_phase(control_plane, namespace, "pair", "Succeeded", timeout=400)
     assert_flips_are_kueues(watcher)
     assert {(n, s) for n, s, _ in watcher.flips} == {("single", False), ("pair", False)}
@@ -248,8 +239,9 @@ def test_user_suspend_while_kueue_holds_the_job_stays_suspended_and_resumes(
     control_plane: Any, kube_admin: Any, run: Any, queue: str, namespace: str
 ) -> None:
     """runPolicy.suspend on a running FineTuneJob that Kueue admitted: the operator deactivates its Workload,
-    Kueue stops the Job (it would unsuspend a Job anyone else suspended), the FineTuneJob stays Suspended;
-    suspend: false makes Kueue admit it again and it resumes from its checkpoint."""
+    Kueue stops the Job (it would unsuspend a Job anyone else suspended), the FineTuneJob stays Suspended,
+    also while another job takes the quota; suspend: false queues it again (status says for what, in Kueue's
+    words), and once the quota is free it resumes from its checkpoint."""
     with SuspendFlips(kube_admin, namespace) as watcher:
         doc = run("pausable", hyperparameters={"epochs": 6}, scheduling={"queueName": queue})
         wait_phase(control_plane, namespace, "pausable", "Running", timeout=180)
@@ -257,26 +249,59 @@ def test_user_suspend_while_kueue_holds_the_job_stays_suspended_and_resumes(
         doc["spec"]["runPolicy"] = {"suspend": True}
         assert apply(control_plane, doc, namespace=namespace).returncode == 0
         wait_phase(control_plane, namespace, "pausable", "Suspended", timeout=90)
-        wait_for(
-            "pods gone",
-            lambda: all(
-                p["status"].get("phase") in ("Failed", "Succeeded") for p in pods(control_plane, namespace, "pausable")
-            ),
-        )
+        wait_for("the pod to stop", lambda: not running_pods(control_plane, namespace, "pausable"), timeout=90)
         stopped_at = max(committed(doc))
         workload = workload_of(control_plane, namespace, "pausable") or {}
         assert workload["spec"]["active"] is False, workload
-        # It stays suspended: Kueue does not admit an inactive Workload, and nobody unsuspends the Job.
+        # The quota it freed goes to another job; it stays suspended: Kueue does not admit an inactive
+        # Workload, and nobody unsuspends the Job.
+        run("filler", hyperparameters={"epochs": 4}, scheduling={"queueName": queue})
+        wait_phase(control_plane, namespace, "filler", "Running", timeout=180)
         for _ in range(10):
             assert status(control_plane, namespace, "pausable")["phase"] == "Suspended"
             assert (get(control_plane, "job", "pausable", namespace) or {})["spec"]["suspend"] is True
+            time.sleep(1)
         doc["spec"]["runPolicy"] = {"suspend": False}
         assert apply(control_plane, doc, namespace=namespace).returncode == 0
+        # Queued (not Deactivated: Kueue keeps that eviction's condition until it admits the Workload again),
+        # with what it waits for once Kueue's scheduler has looked at it again.
+        queued = wait_for(
+            "pausable to wait for the quota",
+            lambda: (
+                "insufficient unused quota" in (st := status(control_plane, namespace, "pausable"))["message"] and st
+            ),
+            timeout=60,
+        )
+        running = {c["type"]: c for c in queued["conditions"]}["Running"]
+        assert queued["phase"] == "Pending" and running["reason"] == "Queued", queued
+        wait_phase(control_plane, namespace, "filler", "Succeeded", timeout=300)
         wait_phase(control_plane, namespace, "pausable", "Succeeded", timeout=300)
-    assert [(n, s) for n, s, _ in watcher.flips] == [("pausable", False), ("pausable", True), ("pausable", False)]
+    assert [(n, s) for n, s, _ in watcher.flips if n == "pausable"] == [
+        ("pausable", False),
+        ("pausable", True),
+        ("pausable", False),
+    ]
     assert_flips_are_kueues(watcher)
     resumed = summary(pods(control_plane, namespace, "pausable")[-1])
     assert resumed["resumedFromStep"] == stopped_at >= 20 and resumed["finalStep"] == 600, resumed
+
+
+def test_created_suspended_gets_no_job_until_resumed(
+    control_plane: Any, kube_admin: Any, run: Any, queue: str, namespace: str
+) -> None:
+    """A FineTuneJob created with runPolicy.suspend and a queue gets no Job (so no Workload that Kueue could
+    admit before anyone deactivates it): it is Suspended; suspend: false creates the Job, Kueue admits it."""
+    with SuspendFlips(kube_admin, namespace) as watcher:
+        doc = run("later", scheduling={"queueName": queue}, runPolicy={"suspend": True})
+        st = wait_phase(control_plane, namespace, "later", "Suspended", timeout=60)
+        assert "suspended before it started" in st["message"] and queue in st["message"], st
+        time.sleep(5)
+        assert get(control_plane, "job", "later", namespace) is None
+        doc["spec"]["runPolicy"] = {"suspend": False}
+        assert apply(control_plane, doc, namespace=namespace).returncode == 0
+        wait_phase(control_plane, namespace, "later", "Succeeded", timeout=300)
+    assert [(n, s) for n, s, _ in watcher.flips] == [("later", False)]
+    assert_flips_are_kueues(watcher)
 
 
 def test_pods_not_ready_in_time_are_evicted_and_status_says_so(

@@ -14,6 +14,8 @@ from tests.integration.conftest import pods, status, wait_phase, workload_of
 from tests.kube import apply, get, kubectl, wait_for
 
 pytestmark = pytest.mark.integration
+#: The operator runs with its Kueue support on (tests/integration/conftest.py's operator fixture).
+KUEUE = True
 API = "kueue.x-k8s.io/v1beta2"
 BLOCK, RACK, HOST = "example.com/block", "example.com/rack", "kubernetes.io/hostname"
 #: The label that puts a node in the topology's ResourceFlavor (the bed's other node, gpu-node-0, lacks it).
@@ -157,7 +159,14 @@ def test_a_required_rack_that_no_rack_can_hold_keeps_the_job_queued(
 
     reserved = wait_for("Kueue to say the rack is too small", refused, timeout=120)
     assert reserved["status"] == "False" and f'topology "{TOPOLOGY}"' in reserved["message"], reserved
-    assert status(control_plane, namespace, "too-wide").get("phase") == "Pending"
+    queued = wait_for(
+        "the FineTuneJob to carry Kueue's reason",
+        lambda: (
+            "allows to fit only 2 out of 3" in (st := status(control_plane, namespace, "too-wide")).get("message", "")
+            and st
+        ),
+    )
+    assert queued["phase"] == "Pending" and "team" in queued["message"], queued
     job = get(control_plane, "job", "too-wide", namespace)
     assert job is not None and job["spec"]["suspend"] is True
     assert pods(control_plane, namespace, "too-wide") == []
@@ -179,5 +188,4 @@ def test_a_preferred_rack_spreads_over_the_block_when_no_rack_has_room(
     placed = wait_for("the three pods bound", lambda: bound(control_plane, namespace, "spread", 3), timeout=120)
     assert sorted(p["spec"]["nodeName"] for p in placed) == sorted(RACKS)
     assert all(p["metadata"]["annotations"][PREFERRED] == RACK for p in placed)
-    # Awaited, not cut short: the test kubelet kills a pod's process group, and torchrun's workers have their own.
     wait_phase(control_plane, namespace, "spread", "Succeeded", timeout=420)

@@ -177,11 +177,15 @@ def remove_stale(target: str, keep: str) -> None:
     """Remove the target's images of other digests: every change to the tree makes a new one (the job's
     is 7 GB), and a machine that runs the tests often would fill its disk. One a container still uses stays."""
     repository = REPOSITORY.format(target=target)
-    refs = podman("images", "--format", "{{.Repository}}:{{.Tag}}", repository).splitlines()
-    stale = sorted({r for r in refs if r not in (keep, f"{repository}:dev")})
+
+    def held() -> set[str]:
+        return set(podman("images", "--format", "{{.Repository}}:{{.Tag}}", repository).splitlines())
+
+    stale = held() - {keep, f"{repository}:dev"}
     if stale:
-        podman("rmi", *stale, check=False)
-        _say(f"{target}: removed {', '.join(stale)}")
+        podman("rmi", *sorted(stale), check=False)
+        if removed := stale - held():
+            _say(f"{target}: removed {', '.join(sorted(removed))}")
 
 
 def size(ref: str) -> int:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune_operator.kueue import DEACTIVATED_BY, activation, explain, of_job, workload_view
+import pytest
+from kubernetes.client.rest import ApiException
+
+from kubetune_operator.__main__ import require_kueue
+from kubetune_operator.kueue import DEACTIVATED_BY, activation, explain, held, of_job, workload_view
 
 JOB = {"metadata": {"name": "bert", "uid": "job-uid"}}
 
@@ -15,7 +19,9 @@ def workload(*conditions: dict[str, Any], active: bool | None = None, **meta: An
         "metadata": {
             "name": "job-bert-1a2b3",
             "creationTimestamp": "2026-01-01T00:00:00Z",
-            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "bert", "uid": "job-uid"}],
+            "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": "bert", "uid": "job-uid", "controller": True}
+            ],
             **meta,
         },
         "spec": {"queueName": "team", **({} if active is None else {"active": active})},
@@ -34,6 +40,9 @@ def test_a_workload_of_anything_but_a_job_is_not_read() -> None:
     pod_owned = {"metadata": {"name": "pod-x", "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "x"}]}}
     assert workload_view(pod_owned) is None
     assert workload_view({"metadata": {"name": "bare"}}) is None
+    # Only the Job that controls it (Kueue's reference): another ownerReference anyone could add.
+    claimed = {"metadata": {"name": "w", "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "x"}]}}
+    assert workload_view(claimed) is None
 
 
 def test_the_jobs_workload_is_the_newest_naming_its_uid() -> None:
@@ -41,6 +50,8 @@ def test_the_jobs_workload_is_the_newest_naming_its_uid() -> None:
     other = {**new, "job": {"name": "bert", "uid": "an-earlier-job"}}
     assert of_job([old, new, other], JOB) is new
     assert of_job([other], JOB) is None and of_job([old], None) is None
+    twin = {**new, "metadata": {**new["metadata"], "name": "job-bert-zzzzz"}}  # created in the same second
+    assert of_job([twin, new], JOB) is twin and of_job([new, twin], JOB) is twin
 
 
 def test_waiting_for_quota_says_the_queue_and_kueues_words() -> None:
@@ -71,10 +82,13 @@ def test_other_evictions_name_their_cause() -> None:
         "evicted by Kueue (ClusterQueueStopped: The ClusterQueue is stopped); queued again in Kueue's queue team; "
         "it resumes from its last checkpoint when Kueue admits it",
     )
-    limit = workload(
-        cond("Evicted", "True", "DeactivatedDueToRequeuingLimitExceeded", "exceeded the requeuing limit"), active=False
+    limit = workload(cond("Evicted", "True", "Deactivated", "exceeded the maximum number of re-queuing retries"))
+    limit["active"] = False
+    assert explain(limit, "team") == (
+        "Deactivated",
+        "Kueue's Workload job-bert-1a2b3 is deactivated (exceeded the maximum number of re-queuing retries): "
+        "Kueue admits it once it is active again",
     )
-    assert explain(limit, "team")[0] == "Deactivated"
     # An eviction that is over (admitted again: Kueue resets the condition) explains nothing.
     assert explain(workload(cond("Evicted", "False", "QuotaReserved")), "team")[0] == "Queued"
 
@@ -98,3 +112,50 @@ def test_resume_reactivates_only_what_the_operator_deactivated() -> None:
     assert activation(workload(active=False), suspend=False, owner_uid="ftj-uid") is None
     earlier = workload(active=False, annotations={DEACTIVATED_BY: "another-uid"})
     assert activation(earlier, suspend=False, owner_uid="ftj-uid") is None
+
+
+def test_an_inactive_workload_is_deactivated_whatever_evicted_it_first() -> None:
+    """Kueue keeps the Preempted eviction on a Workload an admin then deactivates: it waits for its
+    activation, not for Kueue."""
+    preempted = cond("Evicted", "True", "Preempted", "Preempted to accommodate a workload")
+    assert explain(workload(preempted, active=False), "team")[0] == "Deactivated"
+
+
+def test_a_reactivated_workload_waits_in_the_queue_again() -> None:
+    """Resumed after a suspend: the Deactivated eviction stays until Kueue admits it, and it is queued."""
+    lacking = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor gpu"
+    resumed = workload(
+        cond("Evicted", "True", "Deactivated", "The workload is deactivated"),
+        cond("QuotaReserved", "False", "Pending", lacking),
+        active=True,
+    )
+    assert explain(resumed, "team") == ("Queued", f"waiting in Kueue's queue team: {lacking}")
+
+
+def test_held_is_none_for_a_suspend_the_operator_carries_out() -> None:
+    assert held(workload(), "team", suspend=True, support=True) is None
+    assert held(workload(), "team", suspend=False, support=True) == explain(workload(), "team")
+    assert held(workload(), "team", suspend=False, support=False) == explain(workload(), "team")
+    # Without the operator's Kueue support a suspend cannot hold: it says so, instead of Suspended.
+    reason, message = held(None, "team", suspend=True, support=False) or ("", "")
+    assert reason == "Queued" and "kueue.enabled" in message
+
+
+class Discovery:
+    """The API server's discovery of kueue.x-k8s.io/v1beta2, as CustomObjectsApi answers it."""
+
+    def __init__(self, served: list[str] | None) -> None:
+        self.served = served
+
+    def get_api_resources(self, group: str, version: str) -> Any:
+        assert (group, version) == ("kueue.x-k8s.io", "v1beta2")
+        if self.served is None:
+            raise ApiException(status=404, reason="Not Found")
+        return type("List", (), {"resources": [type("Resource", (), {"name": n}) for n in self.served]})
+
+
+def test_kueue_support_needs_kueues_workloads_served() -> None:
+    require_kueue(Discovery(["workloads", "workloads/status", "clusterqueues"]))  # type: ignore[arg-type]
+    for served in (None, ["clusterqueues"]):
+        with pytest.raises(SystemExit, match="install Kueue"):
+            require_kueue(Discovery(served))  # type: ignore[arg-type]

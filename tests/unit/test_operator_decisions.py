@@ -130,6 +130,12 @@ def test_a_suspended_job_waiting_for_kueue_is_queued_not_suspended() -> None:
     phase, reason, message = phase_of(suspended, [], None, ("Queued", "waiting in Kueue's queue team-a"))
     assert (phase, reason) == ("Pending", "Queued") and "team-a" in message
     assert phase_of(suspended, [], None, None)[:2] == ("Suspended", "Suspended")
+    # Suspended by its user before it started: no Job at all (with a queue, none is created until resumed).
+    assert phase_of(None, [], None, None, "suspended before it started") == (
+        "Suspended",
+        "Suspended",
+        "suspended before it started",
+    )
 
 
 def test_image_outside_allowed_prefixes_is_invalid() -> None:

@@ -49,7 +49,7 @@ http://{{ include "kubetune.fullname" . }}-pushgateway.{{ .Release.Namespace }}.
 {{- if .Values.kueue.enabled }}
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end -}}
 
