@@ -53,8 +53,16 @@ def assets() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def operator_under_test(control_plane: Any, pushgateway: Any, testbed_dir: Path, *, kueue: bool = False) -> Operator:
-    """The operator (not started) with the tests' settings, under the operator's RBAC rules."""
+@pytest.fixture(scope="module")
+def operator(
+    control_plane: Any, kubelet: Any, pushgateway: Any, testbed_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[Operator]:
+    """The operator for one module, under the operator's RBAC rules; a module that sets ``KUEUE = True``
+    gets it with its Kueue support on (it watches Workloads, under rbac.rules(kueue=True)), started once
+    the module's Kueue serves its CRDs."""
+    kueue = bool(getattr(request.module, "KUEUE", False))
+    if kueue:
+        request.getfixturevalue("kueue")
     install_crd(control_plane)
     settings = {
         "allowed_image_prefixes": '["registry.test/"]',
@@ -64,19 +72,7 @@ def operator_under_test(control_plane: Any, pushgateway: Any, testbed_dir: Path,
         "kueue": str(kueue).lower(),
     }
     account = operator_account(control_plane, testbed_dir, kueue=kueue)
-    return Operator(account, testbed_dir / "operator", **settings)
-
-
-@pytest.fixture(scope="module")
-def operator(
-    control_plane: Any, kubelet: Any, pushgateway: Any, testbed_dir: Path, request: pytest.FixtureRequest
-) -> Iterator[Operator]:
-    """The operator for one module; a module that sets ``KUEUE = True`` gets it with its Kueue support on
-    (it watches Workloads, under rbac.rules(kueue=True)), started once the module's Kueue serves its CRDs."""
-    kueue = bool(getattr(request.module, "KUEUE", False))
-    if kueue:
-        request.getfixturevalue("kueue")
-    op = operator_under_test(control_plane, pushgateway, testbed_dir, kueue=kueue)
+    op = Operator(account, testbed_dir / "operator", **settings)
     op.start()
     yield op
     op.stop()
@@ -112,6 +108,11 @@ def wait_phase(plane: Any, namespace: str, name: str, phase: str, timeout: float
 def pods(plane: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     out = kubectl(plane, "get", "pods", "-n", namespace, "-l", f"kubetune.io/finetunejob={name}", "-o", "json")
     return sorted(json.loads(out.stdout)["items"], key=lambda p: p["metadata"]["creationTimestamp"])
+
+
+def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
+    """The job's summary as the pod ended: its container's termination message."""
+    return dict(json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]))
 
 
 def committed(doc: dict[str, Any]) -> list[int]:

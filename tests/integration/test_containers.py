@@ -14,7 +14,7 @@ from typing import Any
 import obstore
 import pytest
 
-from tests.integration.conftest import Operator, ftj, pods, wait_phase
+from tests.integration.conftest import Operator, ftj, pod_summary, pods, wait_phase
 from tests.kube import apply, install_crd, kubectl, operator_account, wait_for
 
 pytestmark = pytest.mark.integration
@@ -231,7 +231,7 @@ def test_preempted_container_resumes_from_its_checkpoint(
     assert saved, log.read_text()[-2000:]
     (last,) = pods(control_plane, namespace, "preempted")
     assert last["status"]["containerStatuses"][0]["containerID"].startswith("podman://")
-    summary = json.loads(last["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    summary = pod_summary(last)
     assert summary["resumedFromStep"] == int(saved.group(1)) >= first[0]
     assert summary["stepsThisRun"] == 1000 - summary["resumedFromStep"]
     listed = obstore.list(s3.store(BUCKET), prefix=f"models/{namespace}/preempted/")

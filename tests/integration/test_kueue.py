@@ -17,6 +17,7 @@ from kubernetes import watch
 from tests.integration.conftest import (
     PODS_READY_TIMEOUT,
     committed,
+    pod_summary,
     pods,
     status,
     wait_phase,
@@ -92,11 +93,6 @@ def wait_reason(plane: Any, namespace: str, name: str, reason: str, *, timeout: 
 
 def running_pods(plane: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     return [p for p in pods(plane, namespace, name) if p["status"].get("phase") in ("Pending", "Running")]
-
-
-def summary(pod: dict[str, Any]) -> dict[str, Any]:
-    """The job's summary: the termination message of a pod that ended."""
-    return dict(json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]))
 
 
 class SuspendFlips:
@@ -199,7 +195,7 @@ def test_higher_priority_preempts_a_running_job_which_resumes_from_its_checkpoin
     assert done["lastRestartReason"] == "Preempted", done
     job = get(control_plane, "job", "low", namespace) or {}
     assert not job["status"].get("failed"), job["status"]  # the Job's retries were not touched
-    resumed = summary(pods(control_plane, namespace, "low")[-1])
+    resumed = pod_summary(pods(control_plane, namespace, "low")[-1])
     assert resumed["resumedFromStep"] == stopped_at >= 20 and resumed["finalStep"] == 1000, resumed
 
 
@@ -282,7 +278,7 @@ def test_user_suspend_while_kueue_holds_the_job_stays_suspended_and_resumes(
         ("pausable", False),
     ]
     assert_flips_are_kueues(watcher)
-    resumed = summary(pods(control_plane, namespace, "pausable")[-1])
+    resumed = pod_summary(pods(control_plane, namespace, "pausable")[-1])
     assert resumed["resumedFromStep"] == stopped_at >= 20 and resumed["finalStep"] == 600, resumed
 
 

@@ -16,7 +16,7 @@ import pytest
 from kubetune_api.spec import parse_manifest
 from kubetune_operator.manifests import Owner, children
 from kubetune_operator.settings import OperatorSettings
-from tests.integration.conftest import Operator, committed, ftj, pods, status, wait_phase
+from tests.integration.conftest import Operator, committed, ftj, pod_summary, pods, status, wait_phase
 from tests.kube import JOB_IMAGE, apply, get, kubectl, wait_for
 from tests.models import build_tiny_llama, write_chats, write_preferences
 
@@ -163,7 +163,7 @@ def test_preempted_pod_resumes_without_using_a_retry(
     assert st["restarts"] == 1 and st["lastRestartReason"] == "Preempted"
     assert st["progress"]["step"] == 1000
     last = pods(control_plane, namespace, "preempted")[-1]
-    summary = json.loads(last["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    summary = pod_summary(last)
     assert summary["resumedFromStep"] >= 20 and summary["stepsThisRun"] == 1000 - summary["resumedFromStep"]
 
 
@@ -261,7 +261,7 @@ def test_suspend_then_resume_continues_from_the_checkpoint(control_plane: Any, r
     assert apply(control_plane, doc, namespace=namespace).returncode == 0
     wait_phase(control_plane, namespace, "pausable", "Succeeded", timeout=300)
     last = pods(control_plane, namespace, "pausable")[-1]
-    summary = json.loads(last["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    summary = pod_summary(last)
     assert summary["resumedFromStep"] >= 20 and summary["finalStep"] == 600
 
 
@@ -349,7 +349,7 @@ def test_two_nodes_train_as_one_run(control_plane: Any, run: Any, namespace: str
         for p in pods(control_plane, namespace, "pair")
     }
     assert sorted(done) == ["0", "1"] and all(p["status"]["phase"] == "Succeeded" for p in done.values())
-    node1 = json.loads(done["1"]["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    node1 = pod_summary(done["1"])
     assert node1["message"] == "node 1: the summary is node 0's"
 
 
@@ -372,5 +372,5 @@ def test_a_preempted_node_stops_the_run_and_it_resumes_without_a_retry(
     last = [p for p in pods(control_plane, namespace, "pairs") if p["status"]["phase"] == "Succeeded"]
     assert len(last) == 2, [p["metadata"]["name"] for p in last]  # one of each index, both replaced
     node0 = next(p for p in last if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
-    summary = json.loads(node0["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    summary = pod_summary(node0)
     assert summary["resumedFromStep"] >= 20 and summary["stepsThisRun"] == 150 - summary["resumedFromStep"]
